@@ -1,1 +1,12 @@
+//! Shared building blocks of zmesh: SPIFFE identities, workload certificates, mTLS configs,
+//! HBONE (HTTP/2 CONNECT over mutual TLS) and the CA client.
 #![forbid(unsafe_code)]
+
+pub mod cert;
+pub mod identity;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use cert::WorkloadCertificate;
+pub use identity::Identity;

@@ -9,4 +9,3 @@ pub mod ca {
     #![allow(clippy::all, missing_docs, rust_2018_idioms)]
     tonic::include_proto!("istio.v1.auth");
 }
-
