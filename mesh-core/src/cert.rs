@@ -39,9 +39,9 @@ pub enum CertError {
     #[error("certificate is for {actual}, expected {expected}")]
     WrongIdentity {
         /// The identity the caller expected.
-        expected: Identity,
+        expected: Box<Identity>,
         /// The identity in the certificate.
-        actual: Identity,
+        actual: Box<Identity>,
     },
 }
 
@@ -154,8 +154,8 @@ impl WorkloadCertificate {
     pub fn check_identity(&self, expected: &Identity) -> Result<(), CertError> {
         if &self.identity != expected {
             return Err(CertError::WrongIdentity {
-                expected: expected.clone(),
-                actual: self.identity.clone(),
+                expected: Box::new(expected.clone()),
+                actual: Box::new(self.identity.clone()),
             });
         }
         Ok(())
