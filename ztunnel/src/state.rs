@@ -1,0 +1,211 @@
+//! The workload and service store ztunnel routes from, with the indexes the data path needs:
+//! workloads by uid and by address, services by key and by VIP, and each service's endpoints.
+
+pub mod local;
+pub mod model;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use model::{NetworkAddress, Service, Workload};
+
+/// Indexed workloads and services. Replacing an entry keeps every index consistent.
+#[derive(Debug, Default)]
+pub struct Store {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_addr: HashMap<NetworkAddress, String>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<NetworkAddress, String>,
+    endpoints: HashMap<String, BTreeSet<String>>,
+}
+
+impl Store {
+    /// A store holding exactly the contents of a local config.
+    pub fn from_local(cfg: local::LocalConfig) -> Self {
+        let mut s = Self::default();
+        cfg.services
+            .into_iter()
+            .for_each(|svc| s.insert_service(svc));
+        cfg.workloads.into_iter().for_each(|w| s.insert_workload(w));
+        s
+    }
+
+    /// Adds or replaces a workload (keyed by uid).
+    pub fn insert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid);
+        for addr in &w.addresses {
+            self.by_addr
+                .insert(net_addr(&w.network, *addr), w.uid.clone());
+        }
+        for svc in w.services.keys() {
+            self.endpoints
+                .entry(svc.clone())
+                .or_default()
+                .insert(w.uid.clone());
+        }
+        self.workloads.insert(w.uid.clone(), Arc::new(w));
+    }
+
+    /// Removes a workload; returns it if it was present.
+    pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.workloads.remove(uid)?;
+        for addr in &old.addresses {
+            let key = net_addr(&old.network, *addr);
+            if self.by_addr.get(&key).is_some_and(|u| u == uid) {
+                self.by_addr.remove(&key);
+            }
+        }
+        for svc in old.services.keys() {
+            if let Some(set) = self.endpoints.get_mut(svc) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.endpoints.remove(svc);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Adds or replaces a service (keyed by `ns/hostname`).
+    pub fn insert_service(&mut self, s: Service) {
+        let key = s.key();
+        self.remove_service(&key);
+        for vip in &s.vips {
+            self.by_vip.insert(vip.clone(), key.clone());
+        }
+        self.services.insert(key, Arc::new(s));
+    }
+
+    /// Removes a service; returns it if it was present.
+    pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
+        let old = self.services.remove(key)?;
+        for vip in &old.vips {
+            if self.by_vip.get(vip).is_some_and(|k| k == key) {
+                self.by_vip.remove(vip);
+            }
+        }
+        Some(old)
+    }
+
+    /// The workload with this uid.
+    pub fn workload(&self, uid: &str) -> Option<Arc<Workload>> {
+        self.workloads.get(uid).cloned()
+    }
+
+    /// The workload that owns `ip` on `network`.
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.by_addr
+            .get(&net_addr(network, ip))
+            .and_then(|uid| self.workload(uid))
+    }
+
+    /// The service with this `ns/hostname` key.
+    pub fn service(&self, key: &str) -> Option<Arc<Service>> {
+        self.services.get(key).cloned()
+    }
+
+    /// The service whose VIP is `ip` on `network`.
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<Arc<Service>> {
+        self.by_vip
+            .get(&net_addr(network, ip))
+            .and_then(|k| self.service(k))
+    }
+
+    /// The workloads backing a service, in uid order.
+    pub fn endpoints(&self, service_key: &str) -> Vec<Arc<Workload>> {
+        self.endpoints
+            .get(service_key)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.workload(uid))
+            .collect()
+    }
+
+    /// Every workload scheduled on `node`.
+    pub fn workloads_on_node(&self, node: &str) -> Vec<Arc<Workload>> {
+        let mut v: Vec<_> = self
+            .workloads
+            .values()
+            .filter(|w| w.node == node)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Number of workloads and services held.
+    pub fn len(&self) -> (usize, usize) {
+        (self.workloads.len(), self.services.len())
+    }
+}
+
+fn net_addr(network: &str, address: IpAddr) -> NetworkAddress {
+    NetworkAddress {
+        network: network.to_string(),
+        address,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use local::LocalConfig;
+
+    fn store() -> Store {
+        Store::from_local(
+            LocalConfig::parse(
+                r#"
+workloads:
+- {uid: a, name: a, namespace: default, workloadIps: [10.0.0.1], protocol: HBONE, node: n1,
+   services: {default/echo.default.svc.cluster.local: {80: 8080}}}
+- {uid: b, name: b, namespace: default, workloadIps: [10.0.0.2], protocol: HBONE, node: n2,
+   services: {default/echo.default.svc.cluster.local: {80: 9090}}}
+services:
+- {name: echo, namespace: default, hostname: echo.default.svc.cluster.local, vips: [/10.96.0.1], ports: {80: 8080}}
+"#,
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn indexes_by_ip_vip_and_endpoints() {
+        let s = store();
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert_eq!(s.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "b");
+        assert!(s.workload_by_ip("other", ip("10.0.0.2")).is_none());
+        let svc = s.service_by_vip("", ip("10.96.0.1")).unwrap();
+        let eps: Vec<_> = s
+            .endpoints(&svc.key())
+            .iter()
+            .map(|w| w.uid.clone())
+            .collect();
+        assert_eq!(eps, ["a", "b"]);
+        assert_eq!(s.workloads_on_node("n1").len(), 1);
+    }
+
+    #[test]
+    fn replacing_and_removing_keep_indexes_consistent() {
+        let mut s = store();
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        let mut a = (*s.workload("a").unwrap()).clone();
+        a.addresses = vec![ip("10.0.0.9")];
+        a.services.clear();
+        s.insert_workload(a);
+        assert!(s.workload_by_ip("", ip("10.0.0.1")).is_none());
+        assert_eq!(s.workload_by_ip("", ip("10.0.0.9")).unwrap().uid, "a");
+        assert_eq!(
+            s.endpoints("default/echo.default.svc.cluster.local").len(),
+            1
+        );
+        s.remove_workload("b");
+        assert!(
+            s.endpoints("default/echo.default.svc.cluster.local")
+                .is_empty()
+        );
+        s.remove_service("default/echo.default.svc.cluster.local");
+        assert!(s.service_by_vip("", ip("10.96.0.1")).is_none());
+        assert_eq!(s.len(), (1, 0));
+    }
+}
