@@ -1,7 +1,14 @@
 //! Compiles the `.proto` files with `protox` (a pure-Rust protobuf compiler), so building zmesh
-//! needs no system `protoc`.
+//! needs no system `protoc`. The `google/protobuf/*` imports come from protox's bundled copies and
+//! map to `prost_types`.
 
-const PROTOS: &[&str] = &["proto/ca.proto"];
+const PROTOS: &[&str] = &[
+    "proto/ca.proto",
+    "proto/workload.proto",
+    "proto/authorization.proto",
+    "proto/discovery.proto",
+    "proto/zds.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {
@@ -11,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // BTreeMap instead of HashMap for every proto map: encoding is then deterministic, so the
+        // control plane can derive resource versions from the encoded bytes and tests can compare
+        // bytes exactly.
+        .btree_map(".")
         .compile_fds(fds)?;
     Ok(())
 }
