@@ -369,42 +369,67 @@ pub fn iptables_remove(saved: &str) -> String {
 /// `nft -f -` input that (re)creates `table inet ztunnel` atomically.
 pub fn nft_rules(cfg: &CaptureConfig) -> Result<String, RulesError> {
     cfg.validate()?;
-    let (sock, conn, mask) = (cfg.socket_mark, cfg.conn_mark, cfg.mark_mask);
-    let probe = cfg.probe_addr;
-    let (hbone, plain) = (cfg.inbound_hbone_port, cfg.inbound_plaintext_port);
-    let not_ours = format!("meta mark & {mask:#x} != {sock:#x}");
     let mut out = nft_remove();
     let _ = writeln!(out, "table {NFT_TABLE} {{");
-    // Prerouting runs at mangle priority, like iptables' mangle PREROUTING.
-    out.push_str(
-        "  chain prerouting {\n    type filter hook prerouting priority mangle; policy accept;\n",
-    );
+    nft_prerouting(&mut out, cfg);
+    nft_output(&mut out, cfg);
+    out.push_str("}\n");
+    Ok(out)
+}
+
+/// `meta mark & MASK != SOCKET_MARK`: the packet is not from one of the proxy's own sockets.
+fn nft_not_proxy(cfg: &CaptureConfig) -> String {
+    format!("meta mark & {:#x} != {:#x}", cfg.mark_mask, cfg.socket_mark)
+}
+
+fn nft_prerouting(out: &mut String, cfg: &CaptureConfig) {
+    let (sock, conn, mask) = (cfg.socket_mark, cfg.conn_mark, cfg.mark_mask);
+    let (hbone, plain) = (cfg.inbound_hbone_port, cfg.inbound_plaintext_port);
+    let not_proxy = nft_not_proxy(cfg);
+    // Runs at mangle priority, like iptables' mangle PREROUTING.
+    out.push_str("  chain prerouting {\n");
+    out.push_str("    type filter hook prerouting priority mangle; policy accept;\n");
     let _ = writeln!(
         out,
         "    meta mark & {mask:#x} == {sock:#x} ct mark set {conn:#x}"
     );
-    let _ = writeln!(out, "    ip saddr {probe} meta l4proto tcp accept");
+    let _ = writeln!(
+        out,
+        "    ip saddr {} meta l4proto tcp accept",
+        cfg.probe_addr
+    );
     out.push_str("    iifname \"lo\" ip daddr != 127.0.0.1 meta l4proto tcp accept\n");
     let _ = writeln!(
         out,
-        "    meta l4proto tcp tcp dport {hbone} {not_ours} tproxy ip to :{hbone} meta mark set {conn:#x} accept"
+        "    meta l4proto tcp tcp dport {hbone} {not_proxy} \
+         tproxy ip to :{hbone} meta mark set {conn:#x} accept"
     );
     out.push_str("    meta l4proto tcp ct state established,related accept\n");
     let _ = writeln!(
         out,
-        "    meta l4proto tcp ip daddr != 127.0.0.1 {not_ours} tproxy ip to :{plain} meta mark set {conn:#x} accept\n  }}"
+        "    meta l4proto tcp ip daddr != 127.0.0.1 {not_proxy} \
+         tproxy ip to :{plain} meta mark set {conn:#x} accept"
     );
-    out.push_str(
-        "  chain output_mangle {\n    type route hook output priority mangle; policy accept;\n",
-    );
+    out.push_str("  }\n");
+}
+
+fn nft_output(out: &mut String, cfg: &CaptureConfig) {
+    let (conn, mask) = (cfg.conn_mark, cfg.mark_mask);
+    out.push_str("  chain output_mangle {\n");
+    out.push_str("    type route hook output priority mangle; policy accept;\n");
     let _ = writeln!(
         out,
         "    ct mark & {mask:#x} == {conn:#x} meta mark set ct mark\n  }}"
     );
     // nft 1.0.6 rejects `priority dstnat` on the output hook, and a failed load leaves
     // traffic silently uncaptured: the numeric -100 is what works.
-    out.push_str("  chain output_nat {\n    type nat hook output priority -100; policy accept;\n");
-    let _ = writeln!(out, "    ip daddr {probe} meta l4proto tcp accept");
+    out.push_str("  chain output_nat {\n");
+    out.push_str("    type nat hook output priority -100; policy accept;\n");
+    let _ = writeln!(
+        out,
+        "    ip daddr {} meta l4proto tcp accept",
+        cfg.probe_addr
+    );
     let _ = writeln!(
         out,
         "    meta l4proto tcp meta mark & {mask:#x} == {conn:#x} accept"
@@ -412,10 +437,10 @@ pub fn nft_rules(cfg: &CaptureConfig) -> Result<String, RulesError> {
     out.push_str("    oifname \"lo\" ip daddr != 127.0.0.1 accept\n");
     let _ = writeln!(
         out,
-        "    meta l4proto tcp ip daddr != 127.0.0.1 {not_ours} redirect to :{}\n  }}\n}}",
+        "    meta l4proto tcp ip daddr != 127.0.0.1 {} redirect to :{}\n  }}",
+        nft_not_proxy(cfg),
         cfg.outbound_port
     );
-    Ok(out)
 }
 
 /// `nft -f -` input that deletes `table inet ztunnel`; succeeds whether or not it exists

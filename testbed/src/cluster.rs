@@ -294,21 +294,7 @@ impl Cluster {
             .ok_or(TestbedError::Exhausted("at most 254 nodes per cluster"))?;
         state.nodes_created += 1;
         let netns = format!("{}-n-{name}", self.shared.base);
-        let created = ip_batch(
-            None,
-            &[
-                format!("netns add {netns}"),
-                format!(
-                    "link add eth0 netns {netns} type veth peer name n{index} netns {}",
-                    self.shared.fabric
-                ),
-            ],
-        );
-        if let Err(e) = created {
-            // The namespace may exist even though the veth failed.
-            let _ = ip_batch(None, &[format!("netns del {netns}")]);
-            return Err(e);
-        }
+        create_netns_with_veth(&netns, &format!("n{index}"), &self.shared.fabric)?;
         state.nodes.push(NodeRecord {
             name: name.to_owned(),
             index,
@@ -540,7 +526,7 @@ impl Node {
             gateway: self.gateway(),
             netns: format!("{}-p-{}.{name}", self.shared.base, self.name),
         };
-        self.create_pod_netns(&pod, k)?;
+        create_netns_with_veth(&pod.netns, &format!("p{k}"), &self.netns)?;
         state.pods.push(pod.clone());
         if let Err(e) = configure_pod(&pod, &self.netns, k) {
             let _ = ip_batch(None, &[format!("netns del {}", pod.netns)]);
@@ -549,24 +535,22 @@ impl Node {
         }
         Ok(pod)
     }
+}
 
-    fn create_pod_netns(&self, pod: &Pod, k: u16) -> Result<(), TestbedError> {
-        let created = ip_batch(
-            None,
-            &[
-                format!("netns add {}", pod.netns),
-                format!(
-                    "link add eth0 netns {} type veth peer name p{k} netns {}",
-                    pod.netns, self.netns
-                ),
-            ],
-        );
-        if created.is_err() {
-            // The namespace may exist even though the veth failed.
-            let _ = ip_batch(None, &[format!("netns del {}", pod.netns)]);
-        }
-        created
+/// Creates namespace `netns` with an `eth0` veth whose peer `peer` lives in `peer_netns`.
+fn create_netns_with_veth(netns: &str, peer: &str, peer_netns: &str) -> Result<(), TestbedError> {
+    let created = ip_batch(
+        None,
+        &[
+            format!("netns add {netns}"),
+            format!("link add eth0 netns {netns} type veth peer name {peer} netns {peer_netns}"),
+        ],
+    );
+    if created.is_err() {
+        // The namespace may exist even though the veth failed.
+        let _ = ip_batch(None, &[format!("netns del {netns}")]);
     }
+    created
 }
 
 fn configure_pod(pod: &Pod, node_netns: &str, k: u16) -> Result<(), TestbedError> {

@@ -185,25 +185,9 @@ where
     let thread = thread::Builder::new()
         .name("netns-task".into())
         .spawn(move || {
-            let runtime = match prepare_task_thread(fd) {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-                runtime.block_on(async move {
-                    tokio::select! {
-                        value = factory() => Some(value),
-                        _ = abort_rx => None,
-                    }
-                })
-            }));
-            // Tasks the future spawned are dropped here, closing their sockets.
-            runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
-            let _ = result_tx.send(outcome);
+            if let Some(outcome) = task_thread(fd, factory, abort_rx, ready_tx) {
+                let _ = result_tx.send(outcome);
+            }
         })
         .map_err(NetnsError::Thread)?;
     let started = ready_rx
@@ -218,6 +202,39 @@ where
         result: result_rx,
         thread: Some(thread),
     })
+}
+
+/// Body of a [`spawn_in_netns`] thread. Returns `None` when it could not start (the error went
+/// to `ready`), otherwise the future's output (`None` inside if aborted) or its panic.
+fn task_thread<F, Fut>(
+    fd: OwnedFd,
+    factory: F,
+    abort: oneshot::Receiver<()>,
+    ready: mpsc::Sender<Result<(), NetnsError>>,
+) -> Option<thread::Result<Option<Fut::Output>>>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    let runtime = match prepare_task_thread(fd) {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return None;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(async move {
+            tokio::select! {
+                value = factory() => Some(value),
+                _ = abort => None,
+            }
+        })
+    }));
+    // Tasks the future spawned are dropped here, closing their sockets.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_GRACE);
+    Some(outcome)
 }
 
 fn prepare_task_thread(fd: OwnedFd) -> Result<tokio::runtime::Runtime, NetnsError> {

@@ -10,6 +10,7 @@
 //! skipping.
 
 use std::ffi::OsStr;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
@@ -150,7 +151,10 @@ pub fn decide(required: Option<&str>, missing: &[String]) -> bool {
     if flag_enabled(required) {
         panic!("{REQUIRE_NETNS_ENV}=1 but netns tests cannot run: missing {what}");
     }
-    eprintln!(
+    // Written to the stderr handle directly: libtest captures `eprintln!` of passing tests,
+    // which would make the skip silent.
+    let _ = writeln!(
+        std::io::stderr().lock(),
         "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
          !!! SKIPPED netns test: missing {what}\n\
          !!! run as root inside testbed/scripts/sandbox.sh, and set {REQUIRE_NETNS_ENV}=1\n\
