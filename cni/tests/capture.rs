@@ -6,7 +6,7 @@
 //! rule that silently failed to load still lets traffic through (testbed.md §2.1).
 //!
 //! Needs root; run inside the sandbox:
-//! `testbed/scripts/sandbox.sh env MESH_REQUIRE_NETNS=1 cargo test --offline -p zmesh-cni`
+//! `scripts/sandbox.sh env MESH_REQUIRE_NETNS=1 cargo test --offline -p zmesh-cni`
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;

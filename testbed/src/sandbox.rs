@@ -157,7 +157,7 @@ pub fn decide(required: Option<&str>, missing: &[String]) -> bool {
         std::io::stderr().lock(),
         "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
          !!! SKIPPED netns test: missing {what}\n\
-         !!! run as root inside testbed/scripts/sandbox.sh, and set {REQUIRE_NETNS_ENV}=1\n\
+         !!! run as root inside scripts/sandbox.sh, and set {REQUIRE_NETNS_ENV}=1\n\
          !!! to make this a failure instead of a skip.\n\
          !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
     );

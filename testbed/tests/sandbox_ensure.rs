@@ -78,7 +78,7 @@ fn main() -> Result<()> {
         Command::new(&exe).arg(INNER).env_remove(SANDBOX_ENV),
     )?;
     check_child("sandbox_command", sandbox::sandbox_command(&exe).arg(INNER))?;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sandbox.sh");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/sandbox.sh");
     check_child(
         "sandbox.sh",
         Command::new(script)

@@ -1,7 +1,7 @@
 //! Topology tests: nodes and pods as network namespaces, traffic between them, removal and
 //! cleanup. They need root; run them inside the sandbox:
 //!
-//! `testbed/scripts/sandbox.sh env MESH_REQUIRE_NETNS=1 cargo test --offline -p mesh-testbed`
+//! `scripts/sandbox.sh env MESH_REQUIRE_NETNS=1 cargo test --offline -p mesh-testbed`
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Command;
