@@ -1,7 +1,6 @@
-//! zmesh node agent (zmesh-cni): pod enrollment and in-pod traffic redirection.
-//!
-//! For now this holds the redirection-rule generator and applier ([`rules`]); enrollment and
-//! the ZDS server come later.
+//! zmesh's node agent: decides which pods are enrolled, programs their in-pod traffic redirection
+//! and hands each enrolled pod's network namespace to ztunnel over ZDS.
 #![forbid(unsafe_code)]
 
 pub mod rules;
+pub mod zds;

@@ -1,9 +1,11 @@
 //! Shared building blocks of zmesh: SPIFFE identities, workload certificates, mTLS configs,
-//! HBONE (HTTP/2 CONNECT over mutual TLS) and the CA client.
+//! HBONE (HTTP/2 CONNECT over mutual TLS), the CA client and the ZDS transport between the node
+//! agent and ztunnel.
 #![forbid(unsafe_code)]
 
 pub mod cert;
 pub mod identity;
+pub mod zds;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -2,4 +2,5 @@
 //! mutual-TLS HBONE.
 #![forbid(unsafe_code)]
 
+pub mod inpod;
 pub mod state;
