@@ -2,7 +2,9 @@
 //! HBONE (HTTP/2 CONNECT over mutual TLS) and the CA client.
 #![forbid(unsafe_code)]
 
+pub mod ca_client;
 pub mod cert;
+pub mod cert_manager;
 pub mod identity;
 
 #[cfg(feature = "testing")]
