@@ -1,1 +1,14 @@
+//! istiod-lite: zmesh's control plane. Today: the SPIFFE certificate authority
+//! (`istio.v1.auth.IstioCertificateService`) served over TLS on port 15012.
 #![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod ca;
+pub mod config;
+pub mod grpc;
+pub mod metrics;
+pub mod serving_cert;
+
+#[cfg(feature = "testing")]
+pub mod testing;

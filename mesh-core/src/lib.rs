@@ -3,7 +3,9 @@
 //! agent and ztunnel.
 #![forbid(unsafe_code)]
 
+pub mod ca_client;
 pub mod cert;
+pub mod cert_manager;
 pub mod identity;
 pub mod zds;
 
