@@ -1,12 +1,14 @@
 //! Shared building blocks of zmesh: SPIFFE identities, workload certificates, mTLS configs,
-//! HBONE (HTTP/2 CONNECT over mutual TLS), the CA client and the ZDS transport between the node
-//! agent and ztunnel.
+//! HBONE (HTTP/2 CONNECT over mutual TLS), the CA client, the ZDS transport between the node
+//! agent and ztunnel, and the Linux network-namespace and socket plumbing of in-pod listeners.
 #![forbid(unsafe_code)]
 
 pub mod ca_client;
 pub mod cert;
 pub mod cert_manager;
 pub mod identity;
+pub mod netns;
+pub mod socket;
 pub mod zds;
 
 #[cfg(feature = "testing")]
