@@ -77,6 +77,8 @@ async fn start_ca(dir: &std::path::Path, pods: &[&Identity]) -> anyhow::Result<i
     );
     let tokens_file = dir.join("tokens.yaml");
     std::fs::write(&tokens_file, tokens)?;
+    // Tokens are credentials: keep the file private, as istiod-lite expects.
+    std::fs::set_permissions(&tokens_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let mut env = HashMap::new();
     let mut set = |k: &str, v: String| env.insert(k.to_string(), v);
     set("ISTIOD_GRPC_ADDR", "127.0.0.1:0".into());
