@@ -4,6 +4,7 @@
 
 pub mod cert;
 pub mod identity;
+pub mod tls;
 
 #[cfg(feature = "testing")]
 pub mod testing;
