@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod copy;
+pub mod hbone;
 pub mod identity;
 pub mod tls;
 
