@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod stats;
+pub mod transport;
 
 use std::pin::Pin;
 

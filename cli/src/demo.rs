@@ -15,7 +15,9 @@ use anyhow::Context;
 use mesh_core::Identity;
 use mesh_core::ca_client::{AuthToken, CaClient, CaClientConfig};
 use mesh_core::hbone::client::{HbonePool, PoolKey, PoolSettings, TcpConnector, TunnelRequest};
-use mesh_core::hbone::server::{Accepted, ConnectHandler, HboneServer, InboundRequest, Rejection, ServerSettings};
+use mesh_core::hbone::server::{
+    Accepted, ConnectHandler, HboneServer, InboundRequest, Rejection, ServerSettings,
+};
 use mesh_core::tls::WorkloadTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -38,8 +40,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     println!("zmesh demo: CA + mutual-TLS HBONE round trip on loopback\n");
     let ca = start_ca(dir.path(), &[&client_id, &server_id]).await?;
-    println!("1. istiod-lite CA listening on {} (gRPC over TLS 1.3)", ca.grpc_address());
-    println!("   root certificate written to {}", ca.root_cert_path().display());
+    println!(
+        "1. istiod-lite CA listening on {} (gRPC over TLS 1.3)",
+        ca.grpc_address()
+    );
+    println!(
+        "   root certificate written to {}",
+        ca.root_cert_path().display()
+    );
 
     let root = std::fs::read_to_string(ca.root_cert_path())?;
     let client_tls = issue(&ca, &root, &client_id).await?;
@@ -47,7 +55,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let app = echo_app().await?;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let handler = Arc::new(DemoHandler { app, seen: seen.clone() });
+    let handler = Arc::new(DemoHandler {
+        app,
+        seen: seen.clone(),
+    });
     let server = HboneServer::bind(
         "127.0.0.1:0".parse()?,
         Arc::new(server_tls.clone()),
@@ -56,17 +67,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     let hbone_addr = server.local_addr();
     tokio::spawn(server.run());
-    println!("3. HBONE server for {server_id} on {hbone_addr}, in front of a TCP echo app on {app}");
+    println!(
+        "3. HBONE server for {server_id} on {hbone_addr}, in front of a TCP echo app on {app}"
+    );
 
-    round_trip(&client_tls, &client_id, &server_id, hbone_addr, app, args.bytes, &seen).await?;
+    round_trip(
+        &client_tls,
+        &client_id,
+        &server_id,
+        hbone_addr,
+        app,
+        args.bytes,
+        &seen,
+    )
+    .await?;
     wrong_identity(&client_tls, &client_id, hbone_addr, app).await;
     ca.shutdown_handle().cancel();
     ca.wait_termination().await?;
-    println!("\ndone: everything above ran on this machine over real sockets; nothing is left behind.");
+    println!(
+        "\ndone: everything above ran on this machine over real sockets; nothing is left behind."
+    );
     Ok(())
 }
 
-async fn start_ca(dir: &std::path::Path, pods: &[&Identity]) -> anyhow::Result<istiod_lite::app::Bound> {
+async fn start_ca(
+    dir: &std::path::Path,
+    pods: &[&Identity],
+) -> anyhow::Result<istiod_lite::app::Bound> {
     let workloads: Vec<String> = pods
         .iter()
         .map(|id| format!("  - {{ identity: \"{id}\", node: {NODE} }}"))
@@ -78,24 +105,40 @@ async fn start_ca(dir: &std::path::Path, pods: &[&Identity]) -> anyhow::Result<i
     let tokens_file = dir.join("tokens.yaml");
     std::fs::write(&tokens_file, tokens)?;
     // Tokens are credentials: keep the file private, as istiod-lite expects.
-    std::fs::set_permissions(&tokens_file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    std::fs::set_permissions(
+        &tokens_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let mut env = HashMap::new();
     let mut set = |k: &str, v: String| env.insert(k.to_string(), v);
     set("ISTIOD_GRPC_ADDR", "127.0.0.1:0".into());
     set("ISTIOD_CA_DIR", dir.join("ca").display().to_string());
-    set("ISTIOD_ROOT_CERT_OUT", dir.join("root-cert.pem").display().to_string());
+    set(
+        "ISTIOD_ROOT_CERT_OUT",
+        dir.join("root-cert.pem").display().to_string(),
+    );
     set("ISTIOD_TOKENS_FILE", tokens_file.display().to_string());
     let config = istiod_lite::config::Config::from_source(&env)?;
     istiod_lite::app::build(config).await
 }
 
 /// Asks the CA for `id`'s certificate the way ztunnel does: as the node proxy, impersonating the pod.
-async fn issue(ca: &istiod_lite::app::Bound, root: &str, id: &Identity) -> anyhow::Result<Arc<WorkloadTls>> {
-    let mut cfg = CaClientConfig::new(format!("https://localhost:{}", ca.grpc_address().port()), root);
+async fn issue(
+    ca: &istiod_lite::app::Bound,
+    root: &str,
+    id: &Identity,
+) -> anyhow::Result<Arc<WorkloadTls>> {
+    let mut cfg = CaClientConfig::new(
+        format!("https://localhost:{}", ca.grpc_address().port()),
+        root,
+    );
     cfg.token = AuthToken::Literal(NODE_TOKEN.into());
     cfg.impersonate = true;
     let cert = CaClient::new(cfg)?.create_certificate(id).await?;
-    let left = cert.not_after().duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let left = cert
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     println!(
         "2. node proxy on {NODE} obtained a certificate for {} (impersonation), valid {}h more, chain of {} + {} root",
         cert.identity(),
@@ -133,8 +176,17 @@ async fn round_trip(
     bytes: usize,
     seen: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
-    let pool = HbonePool::new(PoolSettings::default(), Arc::new(tls.clone()), Arc::new(TcpConnector));
-    let key = PoolKey { src_identity: src.clone(), dst_identities: vec![dst.clone()], dst: hbone, src_ip: None };
+    let pool = HbonePool::new(
+        PoolSettings::default(),
+        Arc::new(tls.clone()),
+        Arc::new(TcpConnector),
+    );
+    let key = PoolKey {
+        src_identity: src.clone(),
+        dst_identities: vec![dst.clone()],
+        dst: hbone,
+        src_ip: None,
+    };
     let tunnel = pool.open(&key, &TunnelRequest::new(app)).await?;
     println!("4. client {src} opened CONNECT {app} to {hbone}; server verified as {dst}");
     let (mut rd, mut wr) = tokio::io::split(tunnel);
@@ -150,18 +202,40 @@ async fn round_trip(
         anyhow::Ok(back)
     };
     let (sent, back) = tokio::try_join!(writer, reader)?;
-    anyhow::ensure!(back.len() == sent && back.iter().all(|b| *b == 0x7a), "echo mismatch");
+    anyhow::ensure!(
+        back.len() == sent && back.iter().all(|b| *b == 0x7a),
+        "echo mismatch"
+    );
     for line in seen.lock().expect("lock").drain(..) {
         println!("{line}");
     }
-    println!("   client side: sent {sent} bytes, received {} bytes back, identical; half-close carried both ways", back.len());
+    println!(
+        "   client side: sent {sent} bytes, received {} bytes back, identical; half-close carried both ways",
+        back.len()
+    );
     Ok(())
 }
 
-async fn wrong_identity(tls: &Arc<WorkloadTls>, src: &Identity, hbone: SocketAddr, app: SocketAddr) {
-    let expected: Identity = "spiffe://cluster.local/ns/demo/sa/somebody-else".parse().expect("valid id");
-    let pool = HbonePool::new(PoolSettings::default(), Arc::new(tls.clone()), Arc::new(TcpConnector));
-    let key = PoolKey { src_identity: src.clone(), dst_identities: vec![expected.clone()], dst: hbone, src_ip: None };
+async fn wrong_identity(
+    tls: &Arc<WorkloadTls>,
+    src: &Identity,
+    hbone: SocketAddr,
+    app: SocketAddr,
+) {
+    let expected: Identity = "spiffe://cluster.local/ns/demo/sa/somebody-else"
+        .parse()
+        .expect("valid id");
+    let pool = HbonePool::new(
+        PoolSettings::default(),
+        Arc::new(tls.clone()),
+        Arc::new(TcpConnector),
+    );
+    let key = PoolKey {
+        src_identity: src.clone(),
+        dst_identities: vec![expected.clone()],
+        dst: hbone,
+        src_ip: None,
+    };
     match pool.open(&key, &TunnelRequest::new(app)).await {
         Ok(_) => println!("5. UNEXPECTED: a client expecting {expected} accepted the server"),
         Err(e) => println!("5. a client expecting {expected} refuses the server: {e}"),
