@@ -1,10 +1,13 @@
 //! Shared building blocks of zmesh: SPIFFE identities, workload certificates, mTLS configs,
-//! HBONE (HTTP/2 CONNECT over mutual TLS), the CA client and the ZDS transport between the node
-//! agent and ztunnel.
+//! HBONE (HTTP/2 CONNECT over mutual TLS), the CA client, the ZDS transport between the node
+//! agent and ztunnel, and (feature `k8s`) Kubernetes objects as configuration, served from a
+//! directory of YAML.
 #![forbid(unsafe_code)]
 
 pub mod cert;
 pub mod identity;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod zds;
 
 #[cfg(feature = "testing")]
