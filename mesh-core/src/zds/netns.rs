@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
+
 /// Why a file descriptor was not accepted as a network namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -55,23 +57,25 @@ pub struct NetnsFd {
 impl NetnsFd {
     /// Takes ownership of `fd` and checks that it refers to a network namespace.
     ///
-    /// The check needs no privileges: `/proc/self/fd/<n>` of a namespace descriptor reads
-    /// `net:[<inode>]`, and that inode must equal the one `fstat` reports. On error the
-    /// descriptor is closed.
+    /// `/proc/self/fd/<n>` of a namespace descriptor usually reads `net:[<inode>]`, and that inode
+    /// must equal the one `fstat` reports. A namespace bind-mounted on a file (what `ip netns add`
+    /// does for `/run/netns/NAME`) reads as that file's path instead; then the descriptor must be
+    /// on nsfs and the kernel must accept it as a network namespace (see [`check_bind_mounted`]).
+    /// On error the descriptor is closed.
     pub fn new(fd: impl Into<OwnedFd>) -> Result<Self, NetnsError> {
         let file = File::from(fd.into());
         let raw = file.as_raw_fd();
         let inspect = |source| NetnsError::Inspect { fd: raw, source };
         let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).map_err(inspect)?;
         let link = link.to_string_lossy().into_owned();
-        let Some(link_inode) = parse_net_link(&link) else {
-            return Err(NetnsError::NotNetns { target: link });
-        };
         let inode = file.metadata().map_err(inspect)?.ino();
-        // The nsfs inode in the link and the one fstat sees are the same number; a mismatch means
-        // the descriptor table changed under us, which we refuse rather than guess about.
-        if link_inode != inode {
-            return Err(NetnsError::InodeMismatch { link, inode });
+        match parse_ns_link(&link) {
+            // The nsfs inode in the link and the one fstat sees are the same number; a mismatch
+            // means the descriptor table changed under us, which we refuse rather than guess about.
+            Some(("net", link_inode)) if link_inode == inode => {}
+            Some(("net", _)) => return Err(NetnsError::InodeMismatch { link, inode }),
+            Some(_) => return Err(NetnsError::NotNetns { target: link }),
+            None => check_bind_mounted(&file, link)?,
         }
         Ok(Self { file, inode })
     }
@@ -111,9 +115,48 @@ impl AsFd for NetnsFd {
     }
 }
 
-/// Parses `net:[4026531840]` into the inode; anything else is `None`.
-fn parse_net_link(link: &str) -> Option<u64> {
-    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+/// `statfs` magic of nsfs, the file system of namespace descriptors.
+const NSFS_MAGIC: u64 = 0x6e73_6673;
+
+/// Checks a descriptor whose `/proc` link is a path (`link`): it must live on nsfs, and `setns`
+/// restricted to network namespaces must accept it. The `setns` runs on a throwaway thread, so
+/// no caller thread ever changes namespace; it needs `CAP_SYS_ADMIN`, which every user of these
+/// descriptors (the node agent, ztunnel) has anyway.
+fn check_bind_mounted(file: &File, link: String) -> Result<(), NetnsError> {
+    let inspect = |source: io::Error| NetnsError::Inspect {
+        fd: file.as_raw_fd(),
+        source,
+    };
+    let stat = rustix::fs::fstatfs(file).map_err(|e| inspect(e.into()))?;
+    if stat.f_type as u64 != NSFS_MAGIC {
+        return Err(NetnsError::NotNetns { target: link });
+    }
+    let fd = file.as_fd();
+    let entered = std::thread::scope(|scope| {
+        scope
+            .spawn(|| move_into_link_name_space(fd, Some(LinkNameSpaceType::Network)))
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
+    match entered {
+        Ok(()) => Ok(()),
+        // EINVAL: a namespace, but not a network namespace.
+        Err(e) if e == rustix::io::Errno::INVAL => Err(NetnsError::NotNetns {
+            target: format!("{link}, a namespace of another type"),
+        }),
+        Err(e) => Err(inspect(e.into())),
+    }
+}
+
+/// Parses `net:[4026531840]` into `("net", 4026531840)`; anything else is `None`.
+fn parse_ns_link(link: &str) -> Option<(&str, u64)> {
+    let (kind, rest) = link.split_once(":[")?;
+    // Namespace kinds are short lowercase words; a path (bind mount) never matches.
+    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+        return None;
+    }
+    let inode = rest.strip_suffix(']')?.parse().ok()?;
+    Some((kind, inode))
 }
 
 #[cfg(test)]
@@ -152,10 +195,11 @@ mod tests {
 
     #[test]
     fn link_parsing() {
-        assert_eq!(parse_net_link("net:[4026531840]"), Some(4026531840));
-        assert_eq!(parse_net_link("mnt:[4026531840]"), None);
-        assert_eq!(parse_net_link("net:[abc]"), None);
-        assert_eq!(parse_net_link("net:[12"), None);
-        assert_eq!(parse_net_link("/tmp/x"), None);
+        assert_eq!(parse_ns_link("net:[4026531840]"), Some(("net", 4026531840)));
+        assert_eq!(parse_ns_link("mnt:[4026531840]"), Some(("mnt", 4026531840)));
+        assert_eq!(parse_ns_link("net:[abc]"), None);
+        assert_eq!(parse_ns_link("net:[12"), None);
+        assert_eq!(parse_ns_link("/tmp/x"), None);
+        assert_eq!(parse_ns_link("/run/netns/a:[1]"), None);
     }
 }
