@@ -427,6 +427,21 @@ fn h2_builder(s: &H2Settings) -> h2::server::Builder {
 
 /// Serves the streams of one connection until it closes, is drained, or stops answering PINGs.
 async fn drive<H: ConnectHandler>(shared: &Shared<H>, mut conn: H2Conn, info: Arc<ConnInfo>) {
+    // Owned here so that a connection cut at the drain deadline takes its tunnels with it.
+    let mut streams = JoinSet::new();
+    accept_streams(shared, &mut conn, &info, &mut streams).await;
+    // Tunnels may still be delivering what the client sent before it went away. Dropping the
+    // connection first makes every h2 call of theirs fail at once, so none can hang on it.
+    drop(conn);
+    while streams.join_next().await.is_some() {}
+}
+
+async fn accept_streams<H: ConnectHandler>(
+    shared: &Shared<H>,
+    conn: &mut H2Conn,
+    info: &Arc<ConnInfo>,
+    streams: &mut JoinSet<()>,
+) {
     let h2 = &shared.settings.h2;
     let keepalive = keepalive(
         conn.ping_pong(),
@@ -434,8 +449,6 @@ async fn drive<H: ConnectHandler>(shared: &Shared<H>, mut conn: H2Conn, info: Ar
         h2.keepalive_timeout,
     );
     tokio::pin!(keepalive);
-    // Owned here so that a connection cut at the drain deadline takes its tunnels with it.
-    let mut streams = JoinSet::new();
     let mut draining = false;
     loop {
         tokio::select! {

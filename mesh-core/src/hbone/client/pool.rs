@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::SendStream;
+use h2::client::{ResponseFuture, SendRequest};
 use h2::{PingPong, Reason};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -171,29 +172,18 @@ impl PoolInner {
     ) -> Result<Tunnel, OpenError> {
         let http_request = request.to_http().map_err(OpenError::Fatal)?;
         let (send, slot) = self.acquire(key).await.map_err(OpenError::Fatal)?;
-        // The connection died before our request went out: retry elsewhere, unless TLS failed
-        // (the server rejected our certificate, and would again).
-        let stale = |slot: &StreamSlot, e| {
-            slot.shared.closed.store(true, Ordering::Release);
-            let err = request_error(key.dst, &slot.shared, e);
-            match slot.shared.tls_error.get() {
-                Some(_) => OpenError::Fatal(err),
-                None => OpenError::Retry(err),
-            }
-        };
-        let mut send = match send.ready().await {
-            Ok(send) => send,
-            Err(e) => return Err(stale(&slot, e)),
-        };
-        let (response, stream) = match send.send_request(http_request, false) {
+        let (response, stream) = match send_request(send, http_request).await {
             Ok(sent) => sent,
-            Err(e) => return Err(stale(&slot, e)),
+            Err(e) => return Err(stale(key.dst, &slot, e)),
         };
-        let response = response.await.map_err(|e| match e.reason() {
-            Some(Reason::REFUSED_STREAM) => {
-                OpenError::Retry(request_error(key.dst, &slot.shared, e))
+        let response = response.await.map_err(|e| {
+            let refused = e.reason() == Some(Reason::REFUSED_STREAM);
+            let err = request_error(key.dst, &slot.shared, e);
+            if refused {
+                OpenError::Retry(err)
+            } else {
+                OpenError::Fatal(err)
             }
-            _ => OpenError::Fatal(request_error(key.dst, &slot.shared, e)),
         })?;
         if response.status() != StatusCode::OK {
             let status = response.status();
@@ -202,11 +192,8 @@ impl PoolInner {
                 status,
             }));
         }
-        Ok(Tunnel::new(
-            stream,
-            response.into_body(),
-            Some(Box::new(slot)),
-        ))
+        let body = response.into_body();
+        Ok(Tunnel::new(stream, body, Some(Box::new(slot))))
     }
 
     async fn acquire(
@@ -386,6 +373,25 @@ fn h2_builder(settings: &PoolSettings) -> h2::client::Builder {
         .enable_push(false)
         .initial_max_send_streams(settings.max_streams_per_connection);
     b
+}
+
+async fn send_request(
+    send: SendRequest<Bytes>,
+    request: http::Request<()>,
+) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
+    let mut send = send.ready().await?;
+    send.send_request(request, false)
+}
+
+/// The connection died before our request went out: retry elsewhere, unless TLS failed (the
+/// server rejected our certificate, and would again).
+fn stale(dst: SocketAddr, slot: &StreamSlot, e: h2::Error) -> OpenError {
+    slot.shared.closed.store(true, Ordering::Release);
+    let err = request_error(dst, &slot.shared, e);
+    match slot.shared.tls_error.get() {
+        Some(_) => OpenError::Fatal(err),
+        None => OpenError::Retry(err),
+    }
 }
 
 /// A stream-level error, or the server's TLS rejection of our certificate surfacing on the
