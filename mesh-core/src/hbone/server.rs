@@ -1,6 +1,6 @@
 //! The HBONE server: mTLS + HTTP/2 `CONNECT` termination on port 15008.
 //!
-//! Bind with [`HboneServer::bind`] (or hand over a listener opened elsewhere, e.g. inside a pod's
+//! Bind with [`HboneServer::new`] (or hand over a listener opened elsewhere, e.g. inside a pod's
 //! network namespace, with [`HboneServer::from_listener`]), then [`HboneServer::run`] it. Each
 //! accepted connection gets the certificate [`ServerCerts`] picks for the socket's *local*
 //! address; each `CONNECT` goes to the [`ConnectHandler`], and only once the handler accepted
@@ -257,7 +257,7 @@ pub struct HboneServer<H> {
 
 impl<H: ConnectHandler> HboneServer<H> {
     /// Binds `addr` (port 0 picks a free port; see [`Self::local_addr`]). Needs a tokio runtime.
-    pub fn bind(
+    pub fn new(
         addr: SocketAddr,
         certs: Arc<dyn ServerCerts>,
         handler: Arc<H>,

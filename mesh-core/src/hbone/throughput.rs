@@ -6,7 +6,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,13 +29,46 @@ fn volume() -> u64 {
     mib * 1024 * 1024
 }
 
-fn report(what: &str, bytes: u64, elapsed: Duration) -> f64 {
-    let gbps = bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
-    println!(
-        "{what:<40} {gbps:6.2} Gbit/s ({} MiB in {elapsed:.2?})",
-        bytes >> 20
-    );
-    gbps
+/// Process CPU time (user + system) from /proc, in seconds: a load-independent cost measure.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // USER_HZ is 100 on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Meter {
+    wall: Instant,
+    cpu: f64,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+
+    fn report(&self, what: &str, bytes: u64) -> f64 {
+        let elapsed = self.wall.elapsed();
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        let gbps = bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+        let cpu = (cpu_seconds() - self.cpu) / gib;
+        println!(
+            "{what:<42} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GiB  ({} MiB in {elapsed:.2?})",
+            bytes >> 20
+        );
+        gbps
+    }
 }
 
 /// A TCP server that reads and discards everything, reporting how much it got per connection.
@@ -93,10 +126,10 @@ async fn plain_tls(pki: &Pki, total: u64) -> f64 {
         .connect(dummy_server_name(), tcp)
         .await
         .unwrap();
-    let start = Instant::now();
+    let meter = Meter::start();
     write_volume(&mut tls, total).await;
     assert_eq!(reader.await.unwrap(), total);
-    report("plain TLS, one stream", total, start.elapsed())
+    meter.report("plain TLS, one stream", total)
 }
 
 /// The app writes owned chunks straight into the tunnel (HBONE's own cost).
@@ -113,7 +146,7 @@ async fn hbone_direct(pki: &Pki, total: u64) -> f64 {
         .await
         .unwrap();
     let block = Bytes::from(vec![0x5au8; CHUNK]);
-    let start = Instant::now();
+    let meter = Meter::start();
     let mut sent = 0;
     while sent < total {
         let mut chunk = block.clone();
@@ -126,7 +159,7 @@ async fn hbone_direct(pki: &Pki, total: u64) -> f64 {
     }
     poll_fn(|cx| tunnel.poll_close_write(cx)).await.unwrap();
     assert_eq!(done.recv().await.unwrap(), total);
-    report("HBONE, tunnel -> upstream", total, start.elapsed())
+    meter.report("HBONE, tunnel -> upstream", total)
 }
 
 /// app TCP -> [client copy -> HBONE tunnel] -> [server -> upstream TCP] -> sink: both proxies.
@@ -154,13 +187,13 @@ async fn hbone_proxied(pki: &Pki, total: u64) -> f64 {
     });
     let mut app = TcpStream::connect(front_addr).await.unwrap();
     app.set_nodelay(true).unwrap();
-    let start = Instant::now();
+    let meter = Meter::start();
     write_volume(&mut app, total).await;
     assert_eq!(done.recv().await.unwrap(), total);
-    let elapsed = start.elapsed();
+    let gbps = meter.report("HBONE, app TCP -> client -> server -> TCP", total);
     drop(app);
     outbound.await.unwrap();
-    report("HBONE, app TCP -> client -> server -> TCP", total, elapsed)
+    gbps
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,6 +201,17 @@ async fn hbone_proxied(pki: &Pki, total: u64) -> f64 {
 async fn throughput_one_stream() {
     let pki = Pki::new();
     let total = volume();
+    // HBONE_BENCH_ONLY=tls|direct|proxied runs one phase (for profiling).
+    let only = std::env::var("HBONE_BENCH_ONLY").unwrap_or_default();
+    let single = match only.as_str() {
+        "tls" => Some(plain_tls(&pki, total).await),
+        "direct" => Some(hbone_direct(&pki, total).await),
+        "proxied" => Some(hbone_proxied(&pki, total).await),
+        _ => None,
+    };
+    if single.is_some() {
+        return;
+    }
     // Warm the allocator and the runtime first (first bulk runs fault in fresh pages).
     plain_tls(&pki, total / 8).await;
     let tls = plain_tls(&pki, total).await;

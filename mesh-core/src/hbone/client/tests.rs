@@ -101,6 +101,27 @@ async fn the_101st_concurrent_tunnel_opens_a_second_connection() {
 }
 
 #[tokio::test]
+async fn a_peer_stream_limit_below_ours_is_respected() {
+    let pki = Pki::new();
+    let handler = Arc::new(TestHandler::default());
+    let mut settings = ServerSettings::default();
+    settings.h2.max_concurrent_streams = Some(3);
+    let server = start_server(pki.server.clone(), handler.clone(), settings);
+    let upstream = echo_upstream().await;
+    let pool = pki.pool(PoolSettings::default());
+    let (key, request) = (pki.key(server.addr), TunnelRequest::new(upstream));
+    let mut tunnels = Vec::new();
+    for _ in 0..4 {
+        // One at a time: the server's SETTINGS arrive with its first response.
+        let mut tunnel = pool.open(&key, &request).await.unwrap();
+        echo_once(&mut tunnel).await;
+        tunnels.push(tunnel);
+    }
+    assert_eq!(handler.connections(), 2);
+    assert_eq!(pool.connections(&key), 2);
+}
+
+#[tokio::test]
 async fn concurrent_first_requests_dial_once() {
     let f = Fixture::new().await;
     let connector = Arc::new(CountingConnector::default());
