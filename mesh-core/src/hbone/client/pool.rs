@@ -23,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{Instrument, debug};
 
 use super::{ClientCerts, ClientError, Connector, PoolKey, PoolSettings, TunnelRequest};
+use crate::hbone::ErrorKind;
 use crate::hbone::{MAX_WINDOW, Tunnel, clamp_frame_size, keepalive};
 use crate::tls::{classify_handshake_error, dummy_server_name};
 
@@ -48,8 +49,16 @@ struct PoolInner {
 /// The connections of one key, and the lock that serializes dialling for it.
 #[derive(Default)]
 struct KeyEntry {
-    dial: tokio::sync::Mutex<()>,
+    dial: tokio::sync::Mutex<DialState>,
+    // Finished dial attempts; read before queueing on `dial` to spot attempts made meanwhile.
+    dials: AtomicU64,
     conns: Mutex<Vec<Arc<PooledConn>>>,
+}
+
+/// How the last dial of a key failed, for the requests that queued behind it.
+#[derive(Default)]
+struct DialState {
+    last_failure: Option<(ErrorKind, String)>,
 }
 
 struct PooledConn {
@@ -205,11 +214,27 @@ impl PoolInner {
             return Ok(claimed);
         }
         // One dial per key at a time: whoever waits here re-checks once the dial finished.
-        let _dialing = entry.dial.lock().await;
+        let seen = entry.dials.load(Ordering::Acquire);
+        let mut dialing = entry.dial.lock().await;
         if let Some(claimed) = self.checkout(&entry) {
             return Ok(claimed);
         }
-        let conn = self.dial(key).await?;
+        // A dial failed while we queued: share its error rather than queueing another dial
+        // (a burst to a black-holed peer would otherwise wait one timeout per request).
+        if entry.dials.load(Ordering::Acquire) != seen
+            && let Some((kind, reason)) = &dialing.last_failure
+        {
+            let (kind, reason) = (*kind, reason.clone());
+            return Err(ClientError::DialFailed {
+                dst: key.dst,
+                kind,
+                reason,
+            });
+        }
+        let dialed = self.dial(key).await;
+        dialing.last_failure = dialed.as_ref().err().map(|e| (e.kind(), e.to_string()));
+        entry.dials.fetch_add(1, Ordering::AcqRel);
+        let conn = dialed?;
         let claimed = self.claim(&conn).ok_or_else(|| ClientError::Request {
             dst: key.dst,
             source: h2::Error::from(Reason::REFUSED_STREAM),

@@ -267,6 +267,38 @@ async fn connect_failures_are_classified() {
 }
 
 #[tokio::test]
+async fn requests_queued_behind_a_failed_dial_share_its_error() {
+    // A peer that accepts TCP but never answers TLS: every dial times out.
+    let pki = Pki::new();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let connector = Arc::new(CountingConnector::default());
+    let settings = PoolSettings {
+        handshake_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let pool = HbonePool::new(
+        settings,
+        Arc::new(pki.client.clone()),
+        Arc::new(connector.clone()),
+    );
+    let (key, request) = (pki.key(addr), TunnelRequest::new(addr));
+    let start = std::time::Instant::now();
+    let results = join_all((0..20).map(|_| pool.open(&key, &request))).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "waiters dialled one after another"
+    );
+    assert_eq!(connector.0.load(Ordering::SeqCst), 1);
+    for err in results.into_iter().map(Result::unwrap_err) {
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    }
+    // A later request tries again.
+    let _ = pool.open(&key, &request).await.unwrap_err();
+    assert_eq!(connector.0.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
 async fn missing_source_certificate_is_reported() {
     let f = Fixture::new().await;
     let pool = f.pki.pool(PoolSettings::default());
