@@ -366,11 +366,24 @@ async fn serve_connection<H: ConnectHandler>(
     async move {
         match establish(&shared, tcp, peer, local).await {
             Ok((conn, info)) => drive(&shared, conn, Arc::new(info)).await,
-            Err(e) => info!(kind = e.kind().as_str(), error = %e, "hbone connection rejected"),
+            Err(e) => log_rejected(&e),
         }
     }
     .instrument(span)
     .await
+}
+
+fn log_rejected(e: &ConnError) {
+    let kind = e.kind().as_str();
+    match e.kind() {
+        // Our own misconfiguration: someone has to act.
+        ErrorKind::NoCertificate => warn!(kind, error = %e, "hbone connection rejected"),
+        // A peer of our mesh with an unacceptable identity: worth seeing by default.
+        ErrorKind::Identity => info!(kind, error = %e, "hbone connection rejected"),
+        // Scanners, health checks, clients that went away: too common and too cheap to cause
+        // for default logging (metrics count them).
+        _ => debug!(kind, error = %e, "hbone connection rejected"),
+    }
 }
 
 type H2Conn = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
