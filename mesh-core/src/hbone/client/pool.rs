@@ -139,6 +139,9 @@ impl HbonePool {
 
     /// Opens a tunnel: a `CONNECT` on a pooled (or new) connection for `key`. Returns the tunnel
     /// once the server answered `200`; any other status is [`ClientError::Status`].
+    ///
+    /// Dialling is bounded by the connect and handshake timeouts; waiting for the server's answer
+    /// is not (it authorizes and connects upstream first): wrap the call in a timeout if needed.
     pub async fn open(
         &self,
         key: &PoolKey,
