@@ -104,3 +104,5 @@ async fn keepalive(ping_pong: Option<PingPong>, interval: Duration, timeout: Dur
 
 #[cfg(test)]
 mod testutil;
+#[cfg(test)]
+mod throughput;

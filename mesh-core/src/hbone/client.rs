@@ -267,6 +267,16 @@ pub enum ClientError {
     /// The request itself is unusable.
     #[error("invalid CONNECT request: {0}")]
     InvalidRequest(String),
+    /// The dial this request queued behind (same [`PoolKey`]) failed.
+    #[error("connection to {dst} failed while this request waited for it: {reason}")]
+    DialFailed {
+        /// The HBONE address.
+        dst: SocketAddr,
+        /// The kind of the dial's failure.
+        kind: ErrorKind,
+        /// The dial's error message.
+        reason: String,
+    },
 }
 
 impl ClientError {
@@ -287,6 +297,7 @@ impl ClientError {
             Self::Request { .. } => ErrorKind::Io,
             Self::Status { status, .. } => ErrorKind::from_status(*status),
             Self::InvalidRequest(_) => ErrorKind::BadRequest,
+            Self::DialFailed { kind, .. } => *kind,
         }
     }
 

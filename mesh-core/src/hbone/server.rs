@@ -1,6 +1,6 @@
 //! The HBONE server: mTLS + HTTP/2 `CONNECT` termination on port 15008.
 //!
-//! Bind with [`HboneServer::bind`] (or hand over a listener opened elsewhere, e.g. inside a pod's
+//! Bind with [`HboneServer::new`] (or hand over a listener opened elsewhere, e.g. inside a pod's
 //! network namespace, with [`HboneServer::from_listener`]), then [`HboneServer::run`] it. Each
 //! accepted connection gets the certificate [`ServerCerts`] picks for the socket's *local*
 //! address; each `CONNECT` goes to the [`ConnectHandler`], and only once the handler accepted
@@ -257,7 +257,7 @@ pub struct HboneServer<H> {
 
 impl<H: ConnectHandler> HboneServer<H> {
     /// Binds `addr` (port 0 picks a free port; see [`Self::local_addr`]). Needs a tokio runtime.
-    pub fn bind(
+    pub fn new(
         addr: SocketAddr,
         certs: Arc<dyn ServerCerts>,
         handler: Arc<H>,
@@ -366,11 +366,24 @@ async fn serve_connection<H: ConnectHandler>(
     async move {
         match establish(&shared, tcp, peer, local).await {
             Ok((conn, info)) => drive(&shared, conn, Arc::new(info)).await,
-            Err(e) => info!(kind = e.kind().as_str(), error = %e, "hbone connection rejected"),
+            Err(e) => log_rejected(&e),
         }
     }
     .instrument(span)
     .await
+}
+
+fn log_rejected(e: &ConnError) {
+    let kind = e.kind().as_str();
+    match e.kind() {
+        // Our own misconfiguration: someone has to act.
+        ErrorKind::NoCertificate => warn!(kind, error = %e, "hbone connection rejected"),
+        // A peer of our mesh with an unacceptable identity: worth seeing by default.
+        ErrorKind::Identity => info!(kind, error = %e, "hbone connection rejected"),
+        // Scanners, health checks, clients that went away: too common and too cheap to cause
+        // for default logging (metrics count them).
+        _ => debug!(kind, error = %e, "hbone connection rejected"),
+    }
 }
 
 type H2Conn = h2::server::Connection<TlsStream<TcpStream>, Bytes>;
@@ -427,6 +440,21 @@ fn h2_builder(s: &H2Settings) -> h2::server::Builder {
 
 /// Serves the streams of one connection until it closes, is drained, or stops answering PINGs.
 async fn drive<H: ConnectHandler>(shared: &Shared<H>, mut conn: H2Conn, info: Arc<ConnInfo>) {
+    // Owned here so that a connection cut at the drain deadline takes its tunnels with it.
+    let mut streams = JoinSet::new();
+    accept_streams(shared, &mut conn, &info, &mut streams).await;
+    // Tunnels may still be delivering what the client sent before it went away. Dropping the
+    // connection first makes every h2 call of theirs fail at once, so none can hang on it.
+    drop(conn);
+    while streams.join_next().await.is_some() {}
+}
+
+async fn accept_streams<H: ConnectHandler>(
+    shared: &Shared<H>,
+    conn: &mut H2Conn,
+    info: &Arc<ConnInfo>,
+    streams: &mut JoinSet<()>,
+) {
     let h2 = &shared.settings.h2;
     let keepalive = keepalive(
         conn.ping_pong(),
@@ -434,8 +462,6 @@ async fn drive<H: ConnectHandler>(shared: &Shared<H>, mut conn: H2Conn, info: Ar
         h2.keepalive_timeout,
     );
     tokio::pin!(keepalive);
-    // Owned here so that a connection cut at the drain deadline takes its tunnels with it.
-    let mut streams = JoinSet::new();
     let mut draining = false;
     loop {
         tokio::select! {

@@ -142,7 +142,7 @@ pub(crate) fn start_server(
     handler: Arc<TestHandler>,
     settings: ServerSettings,
 ) -> Running {
-    let server = HboneServer::bind(
+    let server = HboneServer::new(
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(tls),
         handler,

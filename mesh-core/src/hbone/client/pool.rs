@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::SendStream;
+use h2::client::{ResponseFuture, SendRequest};
 use h2::{PingPong, Reason};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 use tracing::{Instrument, debug};
 
 use super::{ClientCerts, ClientError, Connector, PoolKey, PoolSettings, TunnelRequest};
+use crate::hbone::ErrorKind;
 use crate::hbone::{MAX_WINDOW, Tunnel, clamp_frame_size, keepalive};
 use crate::tls::{classify_handshake_error, dummy_server_name};
 
@@ -47,8 +49,16 @@ struct PoolInner {
 /// The connections of one key, and the lock that serializes dialling for it.
 #[derive(Default)]
 struct KeyEntry {
-    dial: tokio::sync::Mutex<()>,
+    dial: tokio::sync::Mutex<DialState>,
+    // Finished dial attempts; read before queueing on `dial` to spot attempts made meanwhile.
+    dials: AtomicU64,
     conns: Mutex<Vec<Arc<PooledConn>>>,
+}
+
+/// How the last dial of a key failed, for the requests that queued behind it.
+#[derive(Default)]
+struct DialState {
+    last_failure: Option<(ErrorKind, String)>,
 }
 
 struct PooledConn {
@@ -129,6 +139,9 @@ impl HbonePool {
 
     /// Opens a tunnel: a `CONNECT` on a pooled (or new) connection for `key`. Returns the tunnel
     /// once the server answered `200`; any other status is [`ClientError::Status`].
+    ///
+    /// Dialling is bounded by the connect and handshake timeouts; waiting for the server's answer
+    /// is not (it authorizes and connects upstream first): wrap the call in a timeout if needed.
     pub async fn open(
         &self,
         key: &PoolKey,
@@ -171,29 +184,18 @@ impl PoolInner {
     ) -> Result<Tunnel, OpenError> {
         let http_request = request.to_http().map_err(OpenError::Fatal)?;
         let (send, slot) = self.acquire(key).await.map_err(OpenError::Fatal)?;
-        // The connection died before our request went out: retry elsewhere, unless TLS failed
-        // (the server rejected our certificate, and would again).
-        let stale = |slot: &StreamSlot, e| {
-            slot.shared.closed.store(true, Ordering::Release);
-            let err = request_error(key.dst, &slot.shared, e);
-            match slot.shared.tls_error.get() {
-                Some(_) => OpenError::Fatal(err),
-                None => OpenError::Retry(err),
-            }
-        };
-        let mut send = match send.ready().await {
-            Ok(send) => send,
-            Err(e) => return Err(stale(&slot, e)),
-        };
-        let (response, stream) = match send.send_request(http_request, false) {
+        let (response, stream) = match send_request(send, http_request).await {
             Ok(sent) => sent,
-            Err(e) => return Err(stale(&slot, e)),
+            Err(e) => return Err(stale(key.dst, &slot, e)),
         };
-        let response = response.await.map_err(|e| match e.reason() {
-            Some(Reason::REFUSED_STREAM) => {
-                OpenError::Retry(request_error(key.dst, &slot.shared, e))
+        let response = response.await.map_err(|e| {
+            let refused = e.reason() == Some(Reason::REFUSED_STREAM);
+            let err = request_error(key.dst, &slot.shared, e);
+            if refused {
+                OpenError::Retry(err)
+            } else {
+                OpenError::Fatal(err)
             }
-            _ => OpenError::Fatal(request_error(key.dst, &slot.shared, e)),
         })?;
         if response.status() != StatusCode::OK {
             let status = response.status();
@@ -202,11 +204,8 @@ impl PoolInner {
                 status,
             }));
         }
-        Ok(Tunnel::new(
-            stream,
-            response.into_body(),
-            Some(Box::new(slot)),
-        ))
+        let body = response.into_body();
+        Ok(Tunnel::new(stream, body, Some(Box::new(slot))))
     }
 
     async fn acquire(
@@ -218,11 +217,27 @@ impl PoolInner {
             return Ok(claimed);
         }
         // One dial per key at a time: whoever waits here re-checks once the dial finished.
-        let _dialing = entry.dial.lock().await;
+        let seen = entry.dials.load(Ordering::Acquire);
+        let mut dialing = entry.dial.lock().await;
         if let Some(claimed) = self.checkout(&entry) {
             return Ok(claimed);
         }
-        let conn = self.dial(key).await?;
+        // A dial failed while we queued: share its error rather than queueing another dial
+        // (a burst to a black-holed peer would otherwise wait one timeout per request).
+        if entry.dials.load(Ordering::Acquire) != seen
+            && let Some((kind, reason)) = &dialing.last_failure
+        {
+            let (kind, reason) = (*kind, reason.clone());
+            return Err(ClientError::DialFailed {
+                dst: key.dst,
+                kind,
+                reason,
+            });
+        }
+        let dialed = self.dial(key).await;
+        dialing.last_failure = dialed.as_ref().err().map(|e| (e.kind(), e.to_string()));
+        entry.dials.fetch_add(1, Ordering::AcqRel);
+        let conn = dialed?;
         let claimed = self.claim(&conn).ok_or_else(|| ClientError::Request {
             dst: key.dst,
             source: h2::Error::from(Reason::REFUSED_STREAM),
@@ -386,6 +401,25 @@ fn h2_builder(settings: &PoolSettings) -> h2::client::Builder {
         .enable_push(false)
         .initial_max_send_streams(settings.max_streams_per_connection);
     b
+}
+
+async fn send_request(
+    send: SendRequest<Bytes>,
+    request: http::Request<()>,
+) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
+    let mut send = send.ready().await?;
+    send.send_request(request, false)
+}
+
+/// The connection died before our request went out: retry elsewhere, unless TLS failed (the
+/// server rejected our certificate, and would again).
+fn stale(dst: SocketAddr, slot: &StreamSlot, e: h2::Error) -> OpenError {
+    slot.shared.closed.store(true, Ordering::Release);
+    let err = request_error(dst, &slot.shared, e);
+    match slot.shared.tls_error.get() {
+        Some(_) => OpenError::Fatal(err),
+        None => OpenError::Retry(err),
+    }
 }
 
 /// A stream-level error, or the server's TLS rejection of our certificate surfacing on the

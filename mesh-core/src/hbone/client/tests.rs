@@ -101,6 +101,27 @@ async fn the_101st_concurrent_tunnel_opens_a_second_connection() {
 }
 
 #[tokio::test]
+async fn a_peer_stream_limit_below_ours_is_respected() {
+    let pki = Pki::new();
+    let handler = Arc::new(TestHandler::default());
+    let mut settings = ServerSettings::default();
+    settings.h2.max_concurrent_streams = Some(3);
+    let server = start_server(pki.server.clone(), handler.clone(), settings);
+    let upstream = echo_upstream().await;
+    let pool = pki.pool(PoolSettings::default());
+    let (key, request) = (pki.key(server.addr), TunnelRequest::new(upstream));
+    let mut tunnels = Vec::new();
+    for _ in 0..4 {
+        // One at a time: the server's SETTINGS arrive with its first response.
+        let mut tunnel = pool.open(&key, &request).await.unwrap();
+        echo_once(&mut tunnel).await;
+        tunnels.push(tunnel);
+    }
+    assert_eq!(handler.connections(), 2);
+    assert_eq!(pool.connections(&key), 2);
+}
+
+#[tokio::test]
 async fn concurrent_first_requests_dial_once() {
     let f = Fixture::new().await;
     let connector = Arc::new(CountingConnector::default());
@@ -243,6 +264,38 @@ async fn connect_failures_are_classified() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+}
+
+#[tokio::test]
+async fn requests_queued_behind_a_failed_dial_share_its_error() {
+    // A peer that accepts TCP but never answers TLS: every dial times out.
+    let pki = Pki::new();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let connector = Arc::new(CountingConnector::default());
+    let settings = PoolSettings {
+        handshake_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let pool = HbonePool::new(
+        settings,
+        Arc::new(pki.client.clone()),
+        Arc::new(connector.clone()),
+    );
+    let (key, request) = (pki.key(addr), TunnelRequest::new(addr));
+    let start = std::time::Instant::now();
+    let results = join_all((0..20).map(|_| pool.open(&key, &request))).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "waiters dialled one after another"
+    );
+    assert_eq!(connector.0.load(Ordering::SeqCst), 1);
+    for err in results.into_iter().map(Result::unwrap_err) {
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    }
+    // A later request tries again.
+    let _ = pool.open(&key, &request).await.unwrap_err();
+    assert_eq!(connector.0.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

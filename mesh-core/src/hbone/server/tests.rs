@@ -465,7 +465,7 @@ async fn binding_a_taken_port_fails_clearly() {
     let pki = Pki::new();
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = taken.local_addr().unwrap();
-    let err = HboneServer::bind(
+    let err = HboneServer::new(
         addr,
         Arc::new(pki.server.clone()),
         Arc::new(TestHandler::default()),
