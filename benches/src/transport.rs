@@ -215,7 +215,7 @@ impl ConnectHandler for ForwardToApp {
 }
 
 async fn spawn_hbone(tls: Arc<WorkloadTls>) -> anyhow::Result<SocketAddr> {
-    let server = HboneServer::bind(
+    let server = HboneServer::new(
         "127.0.0.1:0".parse()?,
         Arc::new(tls),
         Arc::new(ForwardToApp),

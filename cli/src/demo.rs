@@ -59,7 +59,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         app,
         seen: seen.clone(),
     });
-    let server = HboneServer::bind(
+    let server = HboneServer::new(
         "127.0.0.1:0".parse()?,
         Arc::new(server_tls.clone()),
         handler,
