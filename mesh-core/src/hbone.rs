@@ -34,6 +34,16 @@ const KIB: u32 = 1024;
 // RFC 9113 limits: windows up to 2^31-1, frames between 2^14 and 2^24-1 (h2 panics outside).
 const MAX_WINDOW: u32 = (1 << 31) - 1;
 
+// h2 remembers only 50 recently reset streams (for 1 s) by default; a frame for a reset stream
+// it no longer remembers counts as a "local error reset", and after 1024 of those over the whole
+// life of a connection it closes the connection with ENHANCE_YOUR_CALM. A pooled HBONE
+// connection sees one such frame every time an app closes while its peer is still sending, so
+// the defaults would tear down busy pooled connections (and every tunnel on them). Remember as
+// many reset streams as can be open, and do not cap late frames per connection: the peer is an
+// authenticated mesh workload, and rapid-reset floods are still bounded by
+// `max_pending_accept_reset_streams` on the server.
+const MAX_REMEMBERED_RESETS: usize = 1024;
+
 fn clamp_frame_size(size: u32) -> u32 {
     size.clamp(1 << 14, (1 << 24) - 1)
 }

@@ -51,6 +51,13 @@ struct Row {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BENCH_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.workers)
         .enable_all()
@@ -82,15 +89,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 async fn measure(ep: &Endpoint, args: &Args) -> anyhow::Result<Row> {
     let mut row = Row::default();
+    eprintln!("  {}: bulk", ep.kind().name());
     let (gbps, cpu) = bulk(ep, args).await?;
+    eprintln!("  {}: round trips", ep.kind().name());
     (row.gbps, row.cpu_s_per_gb) = (gbps, cpu);
     let mut rtts = app::echo_rtts(ep.open(true).await?, 2_000, args.rtts).await?;
     row.p50_us = percentile(&mut rtts, 50.0).as_secs_f64() * 1e6;
     row.p99_us = percentile(&mut rtts, 99.0).as_secs_f64() * 1e6;
+    eprintln!("  {}: connection rate", ep.kind().name());
     row.conns_per_s = conn_rate(ep, args, false).await?;
     if ep.kind() == Kind::Hbone {
         row.pooled_per_s = Some(conn_rate(ep, args, true).await?);
     }
+    eprintln!("  {}: idle memory", ep.kind().name());
     row.kib_per_endpoint = idle_memory(ep, args.idle).await?;
     Ok(row)
 }

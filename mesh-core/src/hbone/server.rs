@@ -431,7 +431,9 @@ fn h2_builder(s: &H2Settings) -> h2::server::Builder {
         .initial_connection_window_size(s.connection_window.min(super::MAX_WINDOW))
         .max_frame_size(super::clamp_frame_size(s.max_frame_size))
         .max_header_list_size(s.max_header_list_size)
-        .max_send_buffer_size(s.max_send_buffer);
+        .max_send_buffer_size(s.max_send_buffer)
+        .max_concurrent_reset_streams(super::MAX_REMEMBERED_RESETS)
+        .max_local_error_reset_streams(None);
     if let Some(n) = s.max_concurrent_streams {
         b.max_concurrent_streams(n);
     }

@@ -399,7 +399,9 @@ fn h2_builder(settings: &PoolSettings) -> h2::client::Builder {
         .max_header_list_size(s.max_header_list_size)
         .max_send_buffer_size(s.max_send_buffer)
         .enable_push(false)
-        .initial_max_send_streams(settings.max_streams_per_connection);
+        .initial_max_send_streams(settings.max_streams_per_connection)
+        .max_concurrent_reset_streams(crate::hbone::MAX_REMEMBERED_RESETS)
+        .max_local_error_reset_streams(None);
     b
 }
 

@@ -314,3 +314,49 @@ async fn missing_source_certificate_is_reported() {
         "{err}"
     );
 }
+
+/// An upstream that writes one byte and closes, so the server's END_STREAM often arrives after
+/// the client has already dropped (and so reset) the tunnel.
+async fn byte_then_close_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                let _ = s.read_exact(&mut b).await;
+                let _ = s.write_all(b"y").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_tunnels_do_not_kill_the_pooled_connection() {
+    // h2 counts every frame that arrives for a stream it no longer remembers as a local error
+    // reset and, by default, closes the whole connection after 1024 of them. Apps that close
+    // early make exactly that pattern, so a pooled connection must survive thousands of them.
+    let f = Fixture::new().await;
+    let upstream = byte_then_close_upstream().await;
+    let pool = f.pki.pool(PoolSettings::default());
+    let request = TunnelRequest::new(upstream);
+    let worker = || async {
+        for _ in 0..40 {
+            let mut tunnel = pool.open(&f.key(), &request).await.unwrap();
+            let mut b = [0u8; 1];
+            tunnel.write_all(b"p").await.unwrap();
+            tunnel.read_exact(&mut b).await.unwrap();
+            drop(tunnel);
+        }
+    };
+    join_all((0..90).map(|_| worker())).await;
+    let mut tunnel = pool.open(&f.key(), &f.request()).await.unwrap();
+    echo_once(&mut tunnel).await;
+    assert_eq!(
+        f.handler.connections(),
+        1,
+        "the pooled connection was replaced"
+    );
+}
