@@ -6,9 +6,12 @@
 pub mod ca_client;
 pub mod cert;
 pub mod cert_manager;
+pub mod copy;
+pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod socket;
+pub mod tls;
 pub mod zds;
 
 #[cfg(feature = "testing")]
