@@ -131,7 +131,7 @@ async fn round_trip(
     bytes: usize,
     seen: &Mutex<Vec<String>>,
 ) -> anyhow::Result<()> {
-    let pool = HbonePool::new(PoolSettings::default(), tls.clone(), Arc::new(TcpConnector));
+    let pool = HbonePool::new(PoolSettings::default(), Arc::new(tls.clone()), Arc::new(TcpConnector));
     let key = PoolKey { src_identity: src.clone(), dst_identities: vec![dst.clone()], dst: hbone, src_ip: None };
     let tunnel = pool.open(&key, &TunnelRequest::new(app)).await?;
     println!("4. client {src} opened CONNECT {app} to {hbone}; server verified as {dst}");
@@ -158,7 +158,7 @@ async fn round_trip(
 
 async fn wrong_identity(tls: &Arc<WorkloadTls>, src: &Identity, hbone: SocketAddr, app: SocketAddr) {
     let expected: Identity = "spiffe://cluster.local/ns/demo/sa/somebody-else".parse().expect("valid id");
-    let pool = HbonePool::new(PoolSettings::default(), tls.clone(), Arc::new(TcpConnector));
+    let pool = HbonePool::new(PoolSettings::default(), Arc::new(tls.clone()), Arc::new(TcpConnector));
     let key = PoolKey { src_identity: src.clone(), dst_identities: vec![expected.clone()], dst: hbone, src_ip: None };
     match pool.open(&key, &TunnelRequest::new(app)).await {
         Ok(_) => println!("5. UNEXPECTED: a client expecting {expected} accepted the server"),
