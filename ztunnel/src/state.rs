@@ -3,15 +3,17 @@
 
 pub mod local;
 pub mod model;
+mod shared;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use model::{NetworkAddress, Service, Workload};
+pub use shared::SharedStore;
 
 /// Indexed workloads and services. Replacing an entry keeps every index consistent.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Store {
     workloads: HashMap<String, Arc<Workload>>,
     by_addr: HashMap<NetworkAddress, String>,
@@ -131,6 +133,20 @@ impl Store {
             .cloned()
             .collect();
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Every workload, in uid order.
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        let mut v: Vec<_> = self.workloads.values().cloned().collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Every service, in key order.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        let mut v: Vec<_> = self.services.values().cloned().collect();
+        v.sort_by_key(|s| s.key());
         v
     }
 
