@@ -388,7 +388,7 @@ fn local_config(pods: &BTreeMap<String, (Pod, PodSpec)>, services: &[ServiceSpec
 /// The pod's namespace opened through `/proc` (`net:[inode]`): mesh-core's ZDS `NetnsFd`
 /// rejects fds opened through the `/run/netns/NAME` bind mount, whose `/proc/self/fd` link is
 /// the path rather than `net:[...]`.
-fn proc_netns(pod: &Pod) -> Result<File> {
+pub fn proc_netns(pod: &Pod) -> Result<File> {
     let ns = pod.open_netns()?;
     Ok(netns::run_in_netns(&ns, || {
         File::open("/proc/thread-self/ns/net")

@@ -296,3 +296,6 @@ fn config_dump(
         })
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -200,11 +200,9 @@ impl PodContext {
         if self.info.name.is_empty() {
             return store.workload(&self.info.uid);
         }
-        store.workloads().into_iter().find(|w| {
-            w.name == self.info.name
-                && w.namespace == self.info.namespace
-                && w.network == self.inputs.settings.network
-        })
+        store
+            .workload_by_name(&self.info.namespace, &self.info.name)
+            .filter(|w| w.network == self.inputs.settings.network)
     }
 
     /// The pod's workload, waiting up to `workload_wait` for it to appear in the config.

@@ -89,7 +89,11 @@ impl ConnectHandler for InboundHandler {
         let mut guard = metrics.connection(Reporter::Destination, "inbound", req.peer_addr);
         guard
             .security(SecurityPolicy::MutualTls)
-            .source(source_peer(&self.ctx.store(), &req))
+            .source(source_peer(
+                &self.ctx.store(),
+                &self.ctx.inputs.settings.network,
+                &req,
+            ))
             .service(forwarded_host(&req));
         match self.upstream(&req, &mut guard).await {
             Ok(upstream) => {
@@ -135,13 +139,12 @@ fn check_target(req: &InboundRequest) -> Result<SocketAddr, Rejection> {
 
 /// The client: its proven identity, and its workload from the store when the address and
 /// identity agree, else from the `baggage` it sent.
-fn source_peer(store: &Store, req: &InboundRequest) -> Peer {
+fn source_peer(store: &Store, network: &str, req: &InboundRequest) -> Peer {
     let principal = Some(req.peer_identity.to_string());
     let ip = req.peer_addr.ip().to_canonical();
     let known = store
-        .workloads()
-        .into_iter()
-        .find(|w| w.addresses.contains(&ip) && w.identity == req.peer_identity);
+        .workload_by_ip(network, ip)
+        .filter(|w| w.identity == req.peer_identity);
     if let Some(w) = known {
         return Peer {
             principal,
@@ -212,7 +215,7 @@ mod tests {
         let yaml = "workloads: [{uid: c, name: client-pod, namespace: a, serviceAccount: client,
             workloadIps: [10.0.0.9], protocol: HBONE, workloadName: client}]";
         let store = Store::from_local(LocalConfig::parse(yaml).unwrap());
-        let peer = source_peer(&store, &request("10.0.0.2:80", "10.0.0.2:15008"));
+        let peer = source_peer(&store, "", &request("10.0.0.2:80", "10.0.0.2:15008"));
         assert_eq!(peer.workload.as_deref(), Some("client"));
         assert_eq!(peer.namespace.as_deref(), Some("a"));
         let mut req = request("10.0.0.2:80", "10.0.0.2:15008");
@@ -227,7 +230,7 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let peer = source_peer(&store, &req);
+        let peer = source_peer(&store, "", &req);
         assert_eq!(peer.workload.as_deref(), Some("other"));
         assert_eq!(
             peer.principal.as_deref(),
