@@ -266,24 +266,18 @@ async fn start_ca(
     pods: &[PodSpec],
 ) -> Result<NetnsTask<()>> {
     let fabric = cluster.fabric_netns().to_string();
+    let addr = format!("{CA_IP}/24");
     let out = Command::new("ip")
-        .args([
-            "-n",
-            &fabric,
-            "addr",
-            "add",
-            &format!("{CA_IP}/24"),
-            "dev",
-            "fab0",
-        ])
+        .args(["-n", &fabric, "addr", "add", &addr, "dev", "fab0"])
         .output()?;
-    ensure!(
-        out.status.success(),
-        "cannot address fab0: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "cannot address fab0: {stderr}");
     let tokens = dir.join("tokens.yaml");
     std::fs::write(&tokens, tokens_file(nodes, pods))?;
+    start_ca_in_fabric(&fabric, ca_config(dir, &tokens)?).await
+}
+
+fn ca_config(dir: &Path, tokens: &Path) -> Result<istiod_lite::config::Config> {
     let mut env = HashMap::new();
     let mut set = |k: &str, v: String| env.insert(k.to_string(), v);
     set("ISTIOD_GRPC_ADDR", format!("{CA_IP}:{CA_PORT}"));
@@ -291,9 +285,15 @@ async fn start_ca(
     set("ISTIOD_CA_DIR", dir.join("ca").display().to_string());
     set("ISTIOD_ROOT_CERT_OUT", root_cert(dir).display().to_string());
     set("ISTIOD_TOKENS_FILE", tokens.display().to_string());
-    let config = istiod_lite::config::Config::from_source(&env)?;
+    Ok(istiod_lite::config::Config::from_source(&env)?)
+}
+
+async fn start_ca_in_fabric(
+    fabric: &str,
+    config: istiod_lite::config::Config,
+) -> Result<NetnsTask<()>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let fabric_ns = netns::open(&PathBuf::from(netns::NETNS_RUN_DIR).join(&fabric))?;
+    let fabric_ns = netns::open(&PathBuf::from(netns::NETNS_RUN_DIR).join(fabric))?;
     let task = netns::spawn_in_netns(&fabric_ns, move || async move {
         match istiod_lite::app::build(config).await {
             Ok(bound) => {

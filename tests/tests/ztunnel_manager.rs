@@ -15,6 +15,7 @@ use anyhow::{Context, Result, ensure};
 use futures::future::BoxFuture;
 use mesh_core::Identity;
 use mesh_core::WorkloadCertificate;
+use mesh_core::ca_client::{CaClient, CaClientConfig};
 use mesh_core::ca_client::{CaClientError, CertificateProvider};
 use mesh_core::cert_manager::{CertManagerConfig, CertificateManager};
 use mesh_core::testing::TestCa;
@@ -23,7 +24,7 @@ use mesh_proto::zds::WorkloadInfo;
 use mesh_testbed::apps::{self, App};
 use mesh_testbed::{Cluster, Pod, require_netns_tools};
 use mesh_tests::mesh::proc_netns;
-use metrics_util::debugging::DebuggingRecorder;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Handle;
 use zmesh_cni::rules::{self, Backend, CaptureConfig};
@@ -52,25 +53,43 @@ impl CertificateProvider for TestCaProvider {
 
 fn manager(store: Store) -> ProxyManager {
     let provider = Arc::new(TestCaProvider(TestCa::new("cluster.local")));
+    manager_with(store, provider).0
+}
+
+fn manager_with(
+    store: Store,
+    provider: Arc<dyn CertificateProvider>,
+) -> (ProxyManager, Snapshotter) {
     let certs = CertificateManager::new(provider, CertManagerConfig::default());
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
     let inputs = ProxyInputs {
         store: Arc::new(SharedStore::new(store)),
         certs: Arc::new(CertSource::new(Arc::new(certs), Handle::current())),
-        metrics: Metrics::new(Arc::new(DebuggingRecorder::new())),
+        metrics: Metrics::new(Arc::new(recorder)),
         settings: ProxySettings {
             drain_timeout: DRAIN,
             ..ProxySettings::default()
         },
     };
-    ProxyManager::new(Arc::new(inputs), Handle::current())
+    (
+        ProxyManager::new(Arc::new(inputs), Handle::current()),
+        snapshotter,
+    )
 }
 
 fn store(pods: &[&Pod]) -> Result<Store> {
+    store_with(pods, &[])
+}
+
+/// Meshed `pods` and unmeshed `plain` pods.
+fn store_with(pods: &[&Pod], plain: &[&Pod]) -> Result<Store> {
     let mut yaml = String::from("workloads:\n");
-    for pod in pods {
+    let meshed = pods.iter().map(|p| (p, "HBONE"));
+    for (pod, protocol) in meshed.chain(plain.iter().map(|p| (p, "TCP"))) {
         let name = pod.name();
         yaml.push_str(&format!(
-            "- {{uid: {name}, name: {name}, namespace: ns, workloadIps: [{}], protocol: HBONE}}\n",
+            "- {{uid: {name}, name: {name}, namespace: ns, workloadIps: [{}], protocol: {protocol}}}\n",
             pod.ip()
         ));
     }
@@ -236,4 +255,70 @@ async fn read_until(stream: &mut tokio::net::TcpStream, want: &str) -> Result<()
         seen.extend_from_slice(&buf[..n]);
     }
     Ok(())
+}
+
+/// With the CA down, meshed connections fail clearly (counted with `NO_CERTIFICATE`) while
+/// traffic that needs no certificate keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_down_fails_meshed_connections_only() -> Result<()> {
+    if !require_netns_tools(&["iptables-restore", "iptables-save"]) {
+        return Ok(());
+    }
+    let cluster = Cluster::new("ztca")?;
+    let node = cluster.add_node("n1")?;
+    let (client, server, plain) = (node.add_pod("c")?, node.add_pod("s")?, node.add_pod("p")?);
+    rules::apply(
+        &client.netns_path(),
+        Backend::Iptables,
+        &CaptureConfig::default(),
+    )?;
+    let _apps = (echo(&server)?, echo(&plain)?);
+    // Nothing listens on port 1: every certificate request fails.
+    let root = TestCa::new("cluster.local").root_pem();
+    let ca = CaClient::new(CaClientConfig::new("https://127.0.0.1:1", root))?;
+    let (manager, metrics) =
+        manager_with(store_with(&[&client, &server], &[&plain])?, Arc::new(ca));
+    manager
+        .add(add("uid-c", &client, "c")?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    let ns = client.open_netns()?;
+    let meshed = apps::echo_roundtrip(&ns, SocketAddr::from((server.ip(), APP_PORT)), b"x").await;
+    ensure!(
+        meshed.is_err(),
+        "a meshed connection worked without a certificate: {meshed:?}"
+    );
+    let failed = counter(
+        &metrics,
+        "istio_tcp_connections_closed_total",
+        "NO_CERTIFICATE",
+    );
+    ensure!(failed >= 1, "no NO_CERTIFICATE close recorded");
+    let reply = apps::echo_roundtrip(&ns, SocketAddr::from((plain.ip(), APP_PORT)), b"y").await?;
+    ensure!(
+        reply.peer.ip() == client.ip(),
+        "passthrough peer {}",
+        reply.peer
+    );
+    Ok(())
+}
+
+/// Sum of `name` counters whose `response_flags` is `flags`.
+fn counter(snapshotter: &Snapshotter, name: &str, flags: &str) -> u64 {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == name)
+        .filter(|(key, ..)| {
+            key.key()
+                .labels()
+                .any(|l| l.key() == "response_flags" && l.value() == flags)
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(v) => v,
+            _ => 0,
+        })
+        .sum()
 }

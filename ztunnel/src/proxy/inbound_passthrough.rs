@@ -1,7 +1,7 @@
 //! Inbound plaintext (15006): non-HBONE traffic to the pod, TPROXYed here. The accepted socket's
 //! local address is the original destination; ztunnel connects to it from the client's IP.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_core::copy::{Plain, copy_bidirectional};
@@ -10,6 +10,7 @@ use tracing::{Instrument, debug};
 
 use super::{AuthzRequest, Error, ILLEGAL_PORTS, PodContext, authorize, record_copy};
 use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
+use crate::state::Store;
 
 /// Serves one accepted plaintext connection to completion.
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
@@ -40,13 +41,11 @@ async fn proxy(
     }
     let client_ip = peer.ip().to_canonical();
     let store = ctx.store();
-    // Without mTLS the client's identity is unproven: its workload is reported, no principal.
-    if let Some(w) = store.workload_by_ip(&ctx.inputs.settings.network, client_ip) {
-        guard.source(Peer {
-            principal: None,
-            ..Peer::from_workload(&w)
-        });
-    }
+    guard.source(plaintext_source(
+        &store,
+        &ctx.inputs.settings.network,
+        client_ip,
+    ));
     let workload = ctx.workload().await?;
     guard.destination(Peer::from_workload(&workload));
     let authz = AuthzRequest {
@@ -67,4 +66,15 @@ async fn proxy(
     let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
     record_copy(guard, &result);
     Ok(())
+}
+
+/// Without mTLS the client's identity is unproven: its workload is reported, no principal.
+fn plaintext_source(store: &Store, network: &str, ip: IpAddr) -> Peer {
+    match store.workload_by_ip(network, ip) {
+        Some(w) => Peer {
+            principal: None,
+            ..Peer::from_workload(&w)
+        },
+        None => Peer::default(),
+    }
 }

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use mesh_core::Identity;
 use mesh_core::copy::{Plain, copy_bidirectional};
 use mesh_core::hbone::client::{HbonePool, PoolKey, TunnelRequest};
 use mesh_core::hbone::headers::{Baggage, TraceParent};
@@ -16,6 +17,16 @@ use super::route::{self, Upstream};
 use super::{Error, HBONE_PORT, ILLEGAL_PORTS, PodContext, pool, record_copy};
 use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
 use crate::state::model::{TunnelProtocol, Workload};
+
+/// Where an HBONE tunnel goes.
+struct HboneDst<'a> {
+    /// Identities the destination may present.
+    identities: Vec<Identity>,
+    /// The service hostname, when the app dialled a VIP (`forwarded: ;host=`).
+    host: Option<&'a str>,
+    /// Pod IP and target port: the `:authority`.
+    target: SocketAddr,
+}
 
 /// The outbound proxy of one pod.
 pub struct Outbound {
@@ -67,6 +78,18 @@ impl Outbound {
             return Err(Error::SelfCall(orig));
         }
         let upstream = route::resolve(&self.ctx.store(), &src.network, orig, &mut rand::rng())?;
+        self.forward(stream, peer, &src, upstream, guard).await
+    }
+
+    /// Carries the connection to the chosen upstream: HBONE for meshed workloads, else plain.
+    async fn forward(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        src: &Workload,
+        upstream: Upstream,
+        guard: &mut ConnectionGuard,
+    ) -> Result<(), Error> {
         match &upstream {
             Upstream::Passthrough(dst) => self.passthrough(stream, *dst, guard).await,
             Upstream::Workload {
@@ -79,7 +102,14 @@ impl Outbound {
                     .service(service.as_ref().map(|s| s.hostname.clone()));
                 match workload.protocol {
                     TunnelProtocol::Tcp => self.passthrough(stream, *target, guard).await,
-                    TunnelProtocol::Hbone => self.hbone(stream, peer, &src, &upstream, guard).await,
+                    TunnelProtocol::Hbone => {
+                        let dst = HboneDst {
+                            identities: upstream.expected_identities(),
+                            host: service.as_ref().map(|s| s.hostname.as_str()),
+                            target: *target,
+                        };
+                        self.hbone(stream, peer, src, dst, guard).await
+                    }
                 }
             }
         }
@@ -105,28 +135,21 @@ impl Outbound {
         stream: TcpStream,
         peer: SocketAddr,
         src: &Workload,
-        upstream: &Upstream,
+        dst: HboneDst<'_>,
         guard: &mut ConnectionGuard,
     ) -> Result<(), Error> {
-        let Upstream::Workload {
-            service, target, ..
-        } = upstream
-        else {
-            return Err(Error::Runtime);
-        };
         let key = PoolKey {
             src_identity: src.identity.clone(),
-            dst_identities: upstream.expected_identities(),
-            dst: SocketAddr::new(target.ip(), HBONE_PORT),
+            dst_identities: dst.identities,
+            dst: SocketAddr::new(dst.target.ip(), HBONE_PORT),
             src_ip: None,
         };
         guard
-            .addresses(*target, Some(key.dst))
+            .addresses(dst.target, Some(key.dst))
             .security(SecurityPolicy::MutualTls);
-        let host = service.as_ref().map(|s| s.hostname.as_str());
-        let request = TunnelRequest::new(*target)
+        let request = TunnelRequest::new(dst.target)
             .baggage(&self.baggage(src))
-            .forwarded(peer, host)
+            .forwarded(peer, dst.host)
             .traceparent(TraceParent::random());
         let mut tunnel = self.pool.open(&key, &request).await?;
         guard.established();
