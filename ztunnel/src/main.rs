@@ -100,7 +100,11 @@ impl Args {
 fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&log.filter)
         .with_context(|| format!("invalid {} filter {:?}", config::LOG, log.filter))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a human at a terminal, never into log files or collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     if log.json {
         builder.json().init();
     } else {
