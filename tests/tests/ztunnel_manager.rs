@@ -51,11 +51,6 @@ impl CertificateProvider for TestCaProvider {
     }
 }
 
-fn manager(store: Store) -> ProxyManager {
-    let provider = Arc::new(TestCaProvider(TestCa::new("cluster.local")));
-    manager_with(store, provider).0
-}
-
 fn manager_with(
     store: Store,
     provider: Arc<dyn CertificateProvider>,
@@ -122,6 +117,26 @@ async fn hbone_listening(from: &Pod, pod: &Pod) -> Result<bool> {
     ))
 }
 
+/// Whether `pod`'s HBONE listener is gone. A drain closes it asynchronously, so this retries
+/// while connections are still accepted, for a few seconds.
+async fn hbone_closed(from: &Pod, pod: &Pod) -> Result<bool> {
+    let addr = SocketAddr::from((pod.ip(), 15008));
+    let ns = from.open_netns()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let connect = apps::connect(&ns, addr);
+        // Dropped SYN (TPROXY with no socket) or a refusal: nobody listens.
+        if !matches!(
+            tokio::time::timeout(Duration::from_millis(500), connect).await,
+            Ok(Ok(_))
+        ) {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
+}
+
 fn echo(pod: &Pod) -> Result<App> {
     let addr = SocketAddr::from(([0, 0, 0, 0], APP_PORT));
     Ok(apps::start_echo(&pod.open_netns()?, addr)?)
@@ -147,7 +162,8 @@ async fn pod_proxies_follow_zds_requests() -> Result<()> {
         )?;
     }
     let _apps = (echo(&a)?, echo(&b)?);
-    let manager = manager(store(&[&a, &b])?);
+    let provider = Arc::new(TestCaProvider(TestCa::new("cluster.local")));
+    let (manager, metrics) = manager_with(store(&[&a, &b])?, provider);
 
     manager
         .add(add("uid-a", &a, "a")?)
@@ -181,7 +197,7 @@ async fn pod_proxies_follow_zds_requests() -> Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     ensure!(
-        !hbone_listening(&client, &a).await?,
+        hbone_closed(&client, &a).await?,
         "old namespace still served after replace"
     );
     ensure!(
@@ -198,8 +214,18 @@ async fn pod_proxies_follow_zds_requests() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     ensure!(manager.is_empty(), "{:?}", manager.dump());
     ensure!(
-        !hbone_listening(&client, &b).await?,
+        hbone_closed(&client, &b).await?,
         "pod b still served after the snapshot"
+    );
+    // Three starts (add, re-add after delete, replace) and three stops (delete, replace, snapshot).
+    // One snapshot: the debugging recorder only reports what changed since the previous one.
+    let snapshot = metrics.snapshot().into_vec();
+    let started = value(&snapshot, "workload_manager_proxies_started_total");
+    let stopped = value(&snapshot, "workload_manager_proxies_stopped_total");
+    let active = value(&snapshot, "workload_manager_active_proxy_count");
+    ensure!(
+        (started, stopped, active) == (3, 3, 0),
+        "started {started}, stopped {stopped}, active {active}"
     );
     Ok(())
 }
@@ -302,6 +328,26 @@ async fn ca_down_fails_meshed_connections_only() -> Result<()> {
         reply.peer
     );
     Ok(())
+}
+
+type Sample = (
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    DebugValue,
+);
+
+/// The value of the unlabelled counter or gauge `name`.
+fn value(snapshot: &[Sample], name: &str) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, ..)| key.key().name() == name)
+        .map(|(.., value)| match value {
+            DebugValue::Counter(v) => *v,
+            DebugValue::Gauge(v) => v.into_inner() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Sum of `name` counters whose `response_flags` is `flags`.

@@ -25,6 +25,13 @@ pub const TCP_SENT_BYTES: &str = "istio_tcp_sent_bytes_total";
 /// Bytes received from the client by the server (the request direction).
 pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
 
+/// Pod proxies running now (in-pod mode; upstream's name).
+pub const ACTIVE_PROXIES: &str = "workload_manager_active_proxy_count";
+/// Pod proxies started.
+pub const PROXIES_STARTED: &str = "workload_manager_proxies_started_total";
+/// Pod proxies stopped (deleted, replaced, dropped from a snapshot, or at shutdown).
+pub const PROXIES_STOPPED: &str = "workload_manager_proxies_stopped_total";
+
 /// Target of the access-log events.
 pub const ACCESS_LOG_TARGET: &str = "access";
 
@@ -148,6 +155,25 @@ impl Metrics {
     fn counter(&self, name: &'static str, labels: &[Label]) -> Counter {
         let key = Key::from_parts(name, labels.to_vec());
         self.recorder.register_counter(&key, &METADATA)
+    }
+
+    /// Records a pod proxy start; `active` is how many run now.
+    pub fn proxy_started(&self, active: usize) {
+        self.counter(PROXIES_STARTED, &[]).increment(1);
+        self.active_proxies(active);
+    }
+
+    /// Records a pod proxy stop; `active` is how many run now.
+    pub fn proxy_stopped(&self, active: usize) {
+        self.counter(PROXIES_STOPPED, &[]).increment(1);
+        self.active_proxies(active);
+    }
+
+    fn active_proxies(&self, active: usize) {
+        let key = Key::from_name(ACTIVE_PROXIES);
+        self.recorder
+            .register_gauge(&key, &METADATA)
+            .set(active as f64);
     }
 
     /// Starts tracking one connection.

@@ -113,7 +113,12 @@ impl ProxyManager {
         let proxy = PodProxy::start(ctx.clone(), &self.data)
             .await
             .map_err(|e| format!("cannot start the proxy of pod {}: {e}", info.display_name()))?;
-        self.lock().insert(uid, proxy);
+        let active = {
+            let mut pods = self.lock();
+            pods.insert(uid, proxy);
+            pods.len()
+        };
+        self.inputs.metrics.proxy_started(active);
         self.warm_up(ctx);
         Ok(())
     }
@@ -129,9 +134,14 @@ impl ProxyManager {
     }
 
     fn stop(&self, uid: &str, why: &str) -> bool {
-        let Some(proxy) = self.lock().remove(uid) else {
-            return false;
+        let (proxy, active) = {
+            let mut pods = self.lock();
+            let Some(proxy) = pods.remove(uid) else {
+                return false;
+            };
+            (proxy, pods.len())
         };
+        self.inputs.metrics.proxy_stopped(active);
         let info = proxy.context().info.clone();
         info!(pod = %info.display_name(), uid, why, "stopping pod proxy");
         let task = proxy.drain();
