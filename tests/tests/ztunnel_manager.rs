@@ -187,21 +187,42 @@ async fn pod_proxies_follow_zds_requests() -> Result<()> {
 
     drain_keeps_open_connections_until_the_deadline(&manager, &client, app).await?;
 
+    replace_then_snapshot(&manager, &client, &a, &b).await?;
+    // Three starts (add, re-add after delete, replace) and three stops (delete, replace, snapshot).
+    // One snapshot: the debugging recorder only reports what changed since the previous one.
+    let snapshot = metrics.snapshot().into_vec();
+    let started = value(&snapshot, "workload_manager_proxies_started_total");
+    let stopped = value(&snapshot, "workload_manager_proxies_stopped_total");
+    let active = value(&snapshot, "workload_manager_active_proxy_count");
+    ensure!(
+        (started, stopped, active) == (3, 3, 0),
+        "started {started}, stopped {stopped}, active {active}"
+    );
+    Ok(())
+}
+
+/// A re-add with another namespace replaces the proxy; a snapshot without the pod removes it.
+async fn replace_then_snapshot(
+    manager: &ProxyManager,
+    client: &Pod,
+    a: &Pod,
+    b: &Pod,
+) -> Result<()> {
     // A re-add with another namespace replaces the proxy: the old pod's listeners close.
     manager
-        .add(add("uid-a", &a, "a")?)
+        .add(add("uid-a", a, "a")?)
         .await
         .map_err(anyhow::Error::msg)?;
     manager
-        .add(add("uid-a", &b, "b")?)
+        .add(add("uid-a", b, "b")?)
         .await
         .map_err(anyhow::Error::msg)?;
     ensure!(
-        hbone_closed(&client, &a).await?,
+        hbone_closed(client, a).await?,
         "old namespace still served after replace"
     );
     ensure!(
-        hbone_listening(&client, &b).await?,
+        hbone_listening(client, b).await?,
         "new namespace not served after replace"
     );
     let dump = manager.dump();
@@ -214,18 +235,8 @@ async fn pod_proxies_follow_zds_requests() -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     ensure!(manager.is_empty(), "{:?}", manager.dump());
     ensure!(
-        hbone_closed(&client, &b).await?,
+        hbone_closed(client, b).await?,
         "pod b still served after the snapshot"
-    );
-    // Three starts (add, re-add after delete, replace) and three stops (delete, replace, snapshot).
-    // One snapshot: the debugging recorder only reports what changed since the previous one.
-    let snapshot = metrics.snapshot().into_vec();
-    let started = value(&snapshot, "workload_manager_proxies_started_total");
-    let stopped = value(&snapshot, "workload_manager_proxies_stopped_total");
-    let active = value(&snapshot, "workload_manager_active_proxy_count");
-    ensure!(
-        (started, stopped, active) == (3, 3, 0),
-        "started {started}, stopped {stopped}, active {active}"
     );
     Ok(())
 }
