@@ -6,12 +6,14 @@
 //! which owns the proxies. The client answers every request with an ack carrying the manager's
 //! error text, if any (a NACK).
 
+mod manager;
 mod zds_client;
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use manager::{PodDump, ProxyManager};
 pub use mesh_core::zds::NetnsFd;
 pub use mesh_proto::zds::WorkloadInfo;
 pub use zds_client::{

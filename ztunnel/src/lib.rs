@@ -2,5 +2,12 @@
 //! mutual-TLS HBONE.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod config;
 pub mod inpod;
+pub mod metrics;
+pub mod proxy;
+pub mod readiness;
 pub mod state;

@@ -3,18 +3,21 @@
 
 pub mod local;
 pub mod model;
+mod shared;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use model::{NetworkAddress, Service, Workload};
+pub use shared::SharedStore;
 
 /// Indexed workloads and services. Replacing an entry keeps every index consistent.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Store {
     workloads: HashMap<String, Arc<Workload>>,
     by_addr: HashMap<NetworkAddress, String>,
+    by_name: HashMap<(String, String), String>,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<NetworkAddress, String>,
     endpoints: HashMap<String, BTreeSet<String>>,
@@ -44,12 +47,18 @@ impl Store {
                 .or_default()
                 .insert(w.uid.clone());
         }
+        let name = (w.namespace.clone(), w.name.clone());
+        self.by_name.insert(name, w.uid.clone());
         self.workloads.insert(w.uid.clone(), Arc::new(w));
     }
 
     /// Removes a workload; returns it if it was present.
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
+        let name = (old.namespace.clone(), old.name.clone());
+        if self.by_name.get(&name).is_some_and(|u| u == uid) {
+            self.by_name.remove(&name);
+        }
         for addr in &old.addresses {
             let key = net_addr(&old.network, *addr);
             if self.by_addr.get(&key).is_some_and(|u| u == uid) {
@@ -93,6 +102,13 @@ impl Store {
         self.workloads.get(uid).cloned()
     }
 
+    /// The workload named `name` in `namespace` (a pod name is unique in its namespace).
+    pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        self.by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|uid| self.workload(uid))
+    }
+
     /// The workload that owns `ip` on `network`.
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
         self.by_addr
@@ -131,6 +147,20 @@ impl Store {
             .cloned()
             .collect();
         v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Every workload, in uid order.
+    pub fn workloads(&self) -> Vec<Arc<Workload>> {
+        let mut v: Vec<_> = self.workloads.values().cloned().collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    /// Every service, in key order.
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        let mut v: Vec<_> = self.services.values().cloned().collect();
+        v.sort_by_key(|s| s.key());
         v
     }
 
@@ -183,6 +213,8 @@ services:
             .collect();
         assert_eq!(eps, ["a", "b"]);
         assert_eq!(s.workloads_on_node("n1").len(), 1);
+        assert_eq!(s.workload_by_name("default", "b").unwrap().uid, "b");
+        assert!(s.workload_by_name("other", "b").is_none());
     }
 
     #[test]
@@ -200,6 +232,7 @@ services:
             1
         );
         s.remove_workload("b");
+        assert!(s.workload_by_name("default", "b").is_none());
         assert!(
             s.endpoints("default/echo.default.svc.cluster.local")
                 .is_empty()

@@ -1,0 +1,80 @@
+//! Inbound plaintext (15006): non-HBONE traffic to the pod, TPROXYed here. The accepted socket's
+//! local address is the original destination; ztunnel connects to it from the client's IP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_core::copy::{Plain, copy_bidirectional};
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug};
+
+use super::{AuthzRequest, Error, ILLEGAL_PORTS, PodContext, authorize, record_copy};
+use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
+use crate::state::Store;
+
+/// Serves one accepted plaintext connection to completion.
+pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
+    let mut guard = ctx
+        .inputs
+        .metrics
+        .connection(Reporter::Destination, "inbound_plaintext", peer);
+    guard.security(SecurityPolicy::Unknown);
+    let span = tracing::debug_span!("inbound_plaintext", %peer);
+    if let Err(error) = proxy(&ctx, stream, peer, &mut guard).instrument(span).await {
+        debug!(%peer, %error, "inbound plaintext connection failed");
+        guard.fail(error.kind(), &error);
+    }
+}
+
+async fn proxy(
+    ctx: &PodContext,
+    stream: TcpStream,
+    peer: SocketAddr,
+    guard: &mut ConnectionGuard,
+) -> Result<(), Error> {
+    // TPROXY: no NAT happened, the local address is where the client was going.
+    let dst = stream.local_addr().map_err(Error::Accepted)?;
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    guard.addresses(dst, None);
+    if ILLEGAL_PORTS.contains(&dst.port()) {
+        return Err(Error::SelfCall(dst));
+    }
+    let client_ip = peer.ip().to_canonical();
+    let store = ctx.store();
+    guard.source(plaintext_source(
+        &store,
+        &ctx.inputs.settings.network,
+        client_ip,
+    ));
+    let workload = ctx.workload().await?;
+    guard.destination(Peer::from_workload(&workload));
+    let authz = AuthzRequest {
+        src: peer,
+        src_identity: None,
+        dst,
+        dst_workload: &workload,
+    };
+    if let Err(reason) = authorize(&store, &authz) {
+        guard.fail(Some(mesh_core::hbone::ErrorKind::Denied), &reason);
+        return Ok(());
+    }
+    let upstream = ctx
+        .connect(dst, Some(client_ip))
+        .await
+        .map_err(Error::Connect)?;
+    guard.established();
+    let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
+    record_copy(guard, &result);
+    Ok(())
+}
+
+/// Without mTLS the client's identity is unproven: its workload is reported, no principal.
+fn plaintext_source(store: &Store, network: &str, ip: IpAddr) -> Peer {
+    match store.workload_by_ip(network, ip) {
+        Some(w) => Peer {
+            principal: None,
+            ..Peer::from_workload(&w)
+        },
+        None => Peer::default(),
+    }
+}

@@ -1,0 +1,277 @@
+//! Where an outbound connection goes: the original destination is a service VIP (pick an
+//! endpoint), a known workload's IP, or an unknown address (plain passthrough).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_core::Identity;
+use rand::Rng;
+
+use crate::state::Store;
+use crate::state::model::{HealthStatus, Service, Workload};
+
+/// Why no upstream could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The service has no healthy endpoint.
+    #[error("service {service} has no healthy endpoint")]
+    NoHealthyEndpoint {
+        /// `ns/hostname`.
+        service: String,
+    },
+    /// Neither the endpoint nor the service maps the port to a target port.
+    #[error("service {service} has no target port for port {port}")]
+    NoPortMapping {
+        /// `ns/hostname`.
+        service: String,
+        /// The service port dialled.
+        port: u16,
+    },
+    /// The chosen workload has no address of the destination's family.
+    #[error("workload {workload} has no {family} address")]
+    NoAddress {
+        /// The workload uid.
+        workload: String,
+        /// `IPv4` or `IPv6`.
+        family: &'static str,
+    },
+}
+
+/// The upstream of an outbound connection.
+#[derive(Debug, Clone)]
+pub enum Upstream {
+    /// A workload we know: HBONE or plain TCP depending on its protocol.
+    Workload {
+        /// The destination workload.
+        workload: Arc<Workload>,
+        /// The service dialled, when the original destination was a VIP.
+        service: Option<Arc<Service>>,
+        /// The workload's IP and the target port.
+        target: SocketAddr,
+    },
+    /// An address the mesh does not know: plain TCP to it, unchanged.
+    Passthrough(SocketAddr),
+}
+
+impl Upstream {
+    /// The identities the destination may present: the workload's, plus the service's SANs.
+    pub fn expected_identities(&self) -> Vec<Identity> {
+        let Self::Workload {
+            workload, service, ..
+        } = self
+        else {
+            return Vec::new();
+        };
+        let mut ids = vec![workload.identity.clone()];
+        for san in service.iter().flat_map(|s| &s.subject_alt_names) {
+            if !ids.contains(san) {
+                ids.push(san.clone());
+            }
+        }
+        ids
+    }
+}
+
+/// Resolves `dst` (as the app dialled it) on `network`.
+pub fn resolve(
+    store: &Store,
+    network: &str,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    if let Some(service) = store.service_by_vip(network, dst.ip()) {
+        return via_service(store, service, dst, rng);
+    }
+    match store.workload_by_ip(network, dst.ip()) {
+        Some(workload) => Ok(Upstream::Workload {
+            workload,
+            service: None,
+            target: dst,
+        }),
+        None => Ok(Upstream::Passthrough(dst)),
+    }
+}
+
+fn via_service(
+    store: &Store,
+    service: Arc<Service>,
+    dst: SocketAddr,
+    rng: &mut impl Rng,
+) -> Result<Upstream, RouteError> {
+    let key = service.key();
+    let healthy: Vec<Arc<Workload>> = store
+        .endpoints(&key)
+        .into_iter()
+        .filter(|w| w.status == HealthStatus::Healthy)
+        .collect();
+    let workload = pick_weighted(&healthy, rng).ok_or_else(|| RouteError::NoHealthyEndpoint {
+        service: key.clone(),
+    })?;
+    let port = target_port(&workload, &service, dst.port())?;
+    let ip = address_like(&workload, dst.ip())?;
+    Ok(Upstream::Workload {
+        workload,
+        service: Some(service),
+        target: SocketAddr::new(ip, port),
+    })
+}
+
+/// Random choice weighted by capacity (every capacity is at least 1 once validated).
+fn pick_weighted(candidates: &[Arc<Workload>], rng: &mut impl Rng) -> Option<Arc<Workload>> {
+    let total: u64 = candidates
+        .iter()
+        .map(|w| u64::from(w.capacity.max(1)))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut ticket = rng.random_range(0..total);
+    for w in candidates {
+        let weight = u64::from(w.capacity.max(1));
+        if ticket < weight {
+            return Some(w.clone());
+        }
+        ticket -= weight;
+    }
+    None
+}
+
+/// The endpoint's own mapping wins (named ports resolve per pod), then the service's.
+fn target_port(workload: &Workload, service: &Service, port: u16) -> Result<u16, RouteError> {
+    let from_endpoint = workload
+        .services
+        .get(&service.key())
+        .and_then(|ports| ports.get(&port))
+        .copied()
+        .filter(|p| *p != 0);
+    let from_service = service.ports.get(&port).copied().filter(|p| *p != 0);
+    from_endpoint
+        .or(from_service)
+        .ok_or_else(|| RouteError::NoPortMapping {
+            service: service.key(),
+            port,
+        })
+}
+
+/// The workload's first address of the same family as the dialled VIP.
+fn address_like(workload: &Workload, vip: IpAddr) -> Result<IpAddr, RouteError> {
+    workload
+        .addresses
+        .iter()
+        .find(|a| a.is_ipv4() == vip.is_ipv4())
+        .copied()
+        .ok_or_else(|| RouteError::NoAddress {
+            workload: workload.uid.clone(),
+            family: if vip.is_ipv4() { "IPv4" } else { "IPv6" },
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::state::local::LocalConfig;
+
+    const CONFIG: &str = r#"
+workloads:
+- {uid: a, name: a, namespace: ns, workloadIps: [10.0.0.1], protocol: HBONE, capacity: 3,
+   services: {ns/echo.ns.svc.cluster.local: {80: 9090}}}
+- {uid: b, name: b, namespace: ns, serviceAccount: b, workloadIps: [10.0.0.2], protocol: HBONE,
+   services: {ns/echo.ns.svc.cluster.local: {}}}
+- {uid: sick, name: sick, namespace: ns, workloadIps: [10.0.0.3], protocol: HBONE, status: Unhealthy,
+   services: {ns/lonely.ns.svc.cluster.local: {}}}
+services:
+- {name: echo, namespace: ns, hostname: echo.ns.svc.cluster.local, vips: [/10.96.0.1],
+   ports: {80: 8080, 81: 0}, subjectAltNames: [spiffe://cluster.local/ns/ns/sa/extra]}
+- {name: lonely, namespace: ns, hostname: lonely.ns.svc.cluster.local, vips: [/10.96.0.2], ports: {80: 80}}
+"#;
+
+    fn store() -> Store {
+        Store::from_local(LocalConfig::parse(CONFIG).unwrap())
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn vip_picks_endpoints_weighted_by_capacity_with_their_target_ports() {
+        let store = store();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut seen = BTreeMap::new();
+        for _ in 0..4000 {
+            let up = resolve(&store, "", addr("10.96.0.1:80"), &mut rng).unwrap();
+            let Upstream::Workload { target, .. } = up else {
+                panic!("expected a workload")
+            };
+            *seen.entry(target).or_insert(0) += 1;
+        }
+        // a (capacity 3) maps 80 -> 9090 itself; b falls back to the service's 8080.
+        let a = seen[&addr("10.0.0.1:9090")];
+        let b = seen[&addr("10.0.0.2:8080")];
+        assert_eq!(a + b, 4000);
+        assert!((2700..3300).contains(&a), "a got {a} of 4000");
+    }
+
+    #[test]
+    fn expected_identities_include_service_sans() {
+        let store = store();
+        let mut rng = StdRng::seed_from_u64(1);
+        let up = resolve(&store, "", addr("10.96.0.1:80"), &mut rng).unwrap();
+        let ids: Vec<String> = up
+            .expected_identities()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[1], "spiffe://cluster.local/ns/ns/sa/extra");
+    }
+
+    #[test]
+    fn pod_ips_and_unknown_addresses() {
+        let store = store();
+        let mut rng = StdRng::seed_from_u64(1);
+        match resolve(&store, "", addr("10.0.0.2:7000"), &mut rng).unwrap() {
+            Upstream::Workload {
+                workload,
+                service,
+                target,
+            } => {
+                assert_eq!(workload.uid, "b");
+                assert!(service.is_none());
+                assert_eq!(target, addr("10.0.0.2:7000"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let up = resolve(&store, "", addr("192.0.2.1:80"), &mut rng).unwrap();
+        assert!(matches!(up, Upstream::Passthrough(a) if a == addr("192.0.2.1:80")));
+        assert!(up.expected_identities().is_empty());
+        // Another network does not see the default network's pods.
+        let up = resolve(&store, "other", addr("10.0.0.2:7000"), &mut rng).unwrap();
+        assert!(matches!(up, Upstream::Passthrough(_)));
+    }
+
+    #[test]
+    fn failures_name_the_service_and_port() {
+        let store = store();
+        let mut rng = StdRng::seed_from_u64(1);
+        let err = resolve(&store, "", addr("10.96.0.2:80"), &mut rng).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service ns/lonely.ns.svc.cluster.local has no healthy endpoint"
+        );
+        // Port 81 maps to 0 (a named port) and neither endpoint resolves it.
+        let err = resolve(&store, "", addr("10.96.0.1:81"), &mut rng).unwrap_err();
+        assert_eq!(
+            err,
+            RouteError::NoPortMapping {
+                service: "ns/echo.ns.svc.cluster.local".into(),
+                port: 81
+            }
+        );
+    }
+}
