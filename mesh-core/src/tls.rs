@@ -82,9 +82,13 @@ pub fn provider() -> Arc<CryptoProvider> {
     PROVIDER
         .get_or_init(|| {
             let mut p = aws_lc_rs::default_provider();
+            // Both suites of the HBONE contract; AES-128-GCM first. Upstream ztunnel lists AES-256
+            // first, but either is accepted by every peer, and AES-128 with SHA-256 (hardware
+            // SHA-NI for the handshake's HKDF, fewer AES rounds for the bulk) measured faster
+            // here in hbone-bench for both throughput and new connections per second.
             p.cipher_suites = vec![
-                aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
                 aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+                aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
             ];
             // X25519 first: the client sends a key share only for the first group, and the hybrid
             // share is ~1.2 KB larger and slower. A PQC-only peer still gets X25519MLKEM768 via a
