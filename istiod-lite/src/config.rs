@@ -4,7 +4,6 @@
 //! environment, and tests pass a map. This module imports nothing from the runtime modules so it can
 //! never become part of an import cycle.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,37 +67,7 @@ const DEFAULT_TRUSTED_NODE_ACCOUNTS: &str = "istio-system/ztunnel";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_LOG: &str = "info";
 
-/// A key→value configuration source.
-pub trait Source {
-    /// The value of `key`, if set.
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-impl Source for HashMap<String, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EnvSource;
-
-impl Source for EnvSource {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-/// Two sources; the first one that has a key wins.
-#[derive(Debug, Clone)]
-pub struct Layered<A, B>(pub A, pub B);
-
-impl<A: Source, B: Source> Source for Layered<A, B> {
-    fn get(&self, key: &str) -> Option<String> {
-        self.0.get(key).or_else(|| self.1.get(key))
-    }
-}
+pub use mesh_core::config::{EnvSource, Layered, Source, parse_duration};
 
 /// Why the configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -383,36 +352,6 @@ fn duration(
     }
 }
 
-/// Parses `90d`, `24h`, `30m`, `15s`, `500ms` or a bare number of seconds; zero is rejected.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let expected = "expected a duration like 90d, 24h, 30m, 15s or 500ms";
-    let n: u64 = number.parse().map_err(|_| expected.to_string())?;
-    let unit_secs = match unit {
-        "" | "s" => Some(1),
-        "m" => Some(60),
-        "h" => Some(3600),
-        "d" => Some(86400),
-        "ms" => None,
-        _ => return Err(expected.to_string()),
-    };
-    let duration = match unit_secs {
-        Some(mult) => n
-            .checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| "the duration is too long".to_string())?,
-        None => Duration::from_millis(n),
-    };
-    if duration.is_zero() {
-        return Err("the duration must be positive".to_string());
-    }
-    Ok(duration)
-}
-
 fn parse_dns_name(key: &'static str, name: &str) -> Result<String, ConfigError> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '*');
     if name.len() > 253 || !name.chars().all(ok) || name.starts_with('.') || name.ends_with('.') {
@@ -438,6 +377,8 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn source(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -7,6 +7,7 @@
 pub mod ca_client;
 pub mod cert;
 pub mod cert_manager;
+pub mod config;
 pub mod copy;
 pub mod hbone;
 pub mod identity;

@@ -5,7 +5,6 @@
 //! `ZTUNNEL_NODE_NAME`) over the process environment; tests pass a map. This module imports
 //! nothing from the runtime modules, so it cannot join an import cycle.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,37 +67,7 @@ const DEFAULT_LOCAL_CONFIG_POLL: Duration = Duration::from_secs(1);
 const DEFAULT_LOG: &str = "info";
 const MAX_WORKER_THREADS: usize = 1024;
 
-/// A key→value configuration source.
-pub trait Source {
-    /// The value of `key`, if set.
-    fn get(&self, key: &str) -> Option<String>;
-}
-
-impl Source for HashMap<String, String> {
-    fn get(&self, key: &str) -> Option<String> {
-        HashMap::get(self, key).cloned()
-    }
-}
-
-/// The process environment.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EnvSource;
-
-impl Source for EnvSource {
-    fn get(&self, key: &str) -> Option<String> {
-        std::env::var(key).ok()
-    }
-}
-
-/// Two sources; the first one that has a key wins.
-#[derive(Debug, Clone)]
-pub struct Layered<A, B>(pub A, pub B);
-
-impl<A: Source, B: Source> Source for Layered<A, B> {
-    fn get(&self, key: &str) -> Option<String> {
-        self.0.get(key).or_else(|| self.1.get(key))
-    }
-}
+pub use mesh_core::config::{EnvSource, Layered, Source, parse_duration};
 
 /// Why the configuration was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -382,32 +351,10 @@ fn duration(
     }
 }
 
-/// Parses `24h`, `30m`, `15s`, `500ms`, `2d` or a bare number of seconds; zero is rejected.
-pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    let value = value.trim();
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let expected = || "expected a duration like 2d, 24h, 30m, 15s or 500ms".to_string();
-    let n: u64 = number.parse().map_err(|_| expected())?;
-    let duration = match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        "d" => n.checked_mul(86400).map(Duration::from_secs),
-        _ => return Err(expected()),
-    }
-    .ok_or_else(|| "the duration is too long".to_string())?;
-    if duration.is_zero() {
-        return Err("the duration must be positive".to_string());
-    }
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn source(pairs: &[(&str, &str)]) -> HashMap<String, String> {
