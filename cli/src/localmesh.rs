@@ -591,20 +591,25 @@ pub fn down(state_dir: &Path) -> Result<Vec<String>> {
         for stopped in process::stop_recorded(&dir.join("pids"), Duration::from_secs(5)) {
             done.push(format!("stopped {stopped}"));
         }
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| LocalMeshError::io(format!("removing {}", dir.display()), e))?;
-        done.push(format!("removed {}", dir.display()));
+        // The stopped `zmesh up` may have removed its directory itself already.
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => done.push(format!("removed {}", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LocalMeshError::io(format!("removing {}", dir.display()), e)),
+        }
     }
     for name in leftover_netns()? {
         let out = Command::new("ip").args(["netns", "delete", &name]).output();
         let out = out.map_err(|e| LocalMeshError::io("running ip netns delete", e))?;
-        if !out.status.success() {
+        if !out.status.success() && leftover_netns()?.contains(&name) {
             let stderr = String::from_utf8_lossy(&out.stderr);
             return Err(LocalMeshError::Failed(format!(
                 "deleting netns {name}: {stderr}"
             )));
         }
-        done.push(format!("deleted netns {name}"));
+        if out.status.success() {
+            done.push(format!("deleted netns {name}"));
+        }
     }
     Ok(done)
 }
