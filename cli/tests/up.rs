@@ -6,8 +6,8 @@
 //! `cargo build -p zmesh -p ztunnel -p zmesh-cni -p istiod-lite && cargo test -p zmesh --no-run`
 //! `scripts/sandbox.sh env MESH_REQUIRE_NETNS=1 cargo test --offline -p zmesh --test up`
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mesh_testbed::require_netns_tools;
@@ -65,6 +65,31 @@ fn up_once_shows_mutual_tls_and_identities() {
     assert!(left.is_empty(), "state left behind: {left:?}");
 }
 
+/// Reads `zmesh up`'s output until it says it is running; returns the rest of it, which must
+/// stay open (`zmesh up` still prints while tearing down).
+fn wait_running(up: &mut Child) -> Lines<BufReader<ChildStdout>> {
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    while !seen.contains("press Ctrl-C") {
+        match lines.next() {
+            Some(line) => seen.push_str(&(line.unwrap() + "\n")),
+            None => panic!("zmesh up ended early:\n{seen}"),
+        }
+    }
+    lines
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running after {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn down_stops_a_running_up_and_removes_everything() {
     if !require_netns_tools(&["nft"]) {
@@ -79,14 +104,7 @@ fn down_stops_a_running_up_and_removes_everything() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    let mut seen = String::new();
-    while !seen.contains("press Ctrl-C") {
-        match lines.next() {
-            Some(line) => seen.push_str(&(line.unwrap() + "\n")),
-            None => panic!("zmesh up ended early:\n{seen}"),
-        }
-    }
+    let rest = wait_running(&mut up);
     assert!(
         netns_list().contains("zmesh-"),
         "no namespaces while running"
@@ -100,17 +118,12 @@ fn down_stops_a_running_up_and_removes_everything() {
     let err = String::from_utf8_lossy(&down.stderr);
     assert!(down.status.success(), "zmesh down failed: {said}\n{err}");
     assert!(said.contains("stopped zmesh up"), "{said}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "zmesh up still running after down"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut up, Duration::from_secs(10));
+    let rest: Vec<String> = rest.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.starts_with("tearing down")),
+        "{rest:?}"
+    );
     assert!(status.success(), "zmesh up exited with {status}");
     assert!(!netns_list().contains("zmesh-"), "namespaces left behind");
     let left: Vec<_> = std::fs::read_dir(state.path()).unwrap().collect();

@@ -189,20 +189,31 @@ async fn dump_inode(mesh: &LocalMesh, node: &str, pod: &str) -> Result<Option<u6
         .and_then(|p| p["netns_inode"].as_u64()))
 }
 
+const CLIENT1_TO_SERVER2: [(&str, &str); 2] = [
+    ("source_workload", "client1"),
+    ("destination_workload", "server2"),
+];
+
 async fn label_removal_releases_and_recaptures_pods(mesh: &LocalMesh) -> Result<()> {
     let before = inode(mesh, "client1")?;
     ensure!(
         dump_inode(mesh, "n1", "client1").await? == Some(before),
         "client1 not enrolled"
     );
-    let mtls = [
-        ("reporter", "source"),
-        ("source_workload", "client1"),
-        ("destination_workload", "server2"),
-        ("connection_security_policy", "mutual_tls"),
-    ];
-    let seen = metric(&mesh.metrics("n1").await?, OPENED, &mtls);
+    let n2_direct = release(mesh).await?;
+    recapture(mesh, n2_direct).await?;
+    ensure!(inode(mesh, "client1")? == before, "client1's netns changed");
+    ensure!(
+        dump_inode(mesh, "n1", "client1").await? == Some(before),
+        "client1 not re-enrolled"
+    );
+    Ok(())
+}
 
+/// Label removed: the agent releases every pod; traffic flows directly, unseen by ztunnel n1.
+/// Returns server2's ztunnel count for the flow at that point.
+async fn release(mesh: &LocalMesh) -> Result<u64> {
+    let seen = metric(&mesh.metrics("n1").await?, OPENED, &CLIENT1_TO_SERVER2);
     mesh.write_agent_config(false)?;
     mesh.wait_enrolled(false).await?;
     ensure!(
@@ -210,30 +221,35 @@ async fn label_removal_releases_and_recaptures_pods(mesh: &LocalMesh) -> Result<
         "client1 still in ztunnel"
     );
     roundtrip(mesh, "client1", "server2").await?;
-    let all = [
-        ("source_workload", "client1"),
-        ("destination_workload", "server2"),
-    ];
-    let n1_all = metric(&mesh.metrics("n1").await?, OPENED, &all);
+    let now = metric(&mesh.metrics("n1").await?, OPENED, &CLIENT1_TO_SERVER2);
     ensure!(
-        n1_all == seen,
-        "released traffic still went through ztunnel n1 ({n1_all} != {seen})"
+        now == seen,
+        "released traffic still went through ztunnel n1 ({now} != {seen})"
     );
-    let n2_all = metric(&mesh.metrics("n2").await?, OPENED, &all);
+    Ok(metric(
+        &mesh.metrics("n2").await?,
+        OPENED,
+        &CLIENT1_TO_SERVER2,
+    ))
+}
 
+/// Label back: captured again, mTLS reported by both ztunnels.
+async fn recapture(mesh: &LocalMesh, n2_direct: u64) -> Result<()> {
+    let mtls = [
+        CLIENT1_TO_SERVER2[0],
+        CLIENT1_TO_SERVER2[1],
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let seen = metric(&mesh.metrics("n1").await?, OPENED, &mtls);
     mesh.write_agent_config(true)?;
     mesh.wait_enrolled(true).await?;
     roundtrip(mesh, "client1", "server2").await?;
     eventually_metric(mesh, "n1", &mtls, seen + 1).await?;
-    let n2_now = metric(&mesh.metrics("n2").await?, OPENED, &all);
+    let n2_now = metric(&mesh.metrics("n2").await?, OPENED, &CLIENT1_TO_SERVER2);
     ensure!(
-        n2_now > n2_all,
+        n2_now > n2_direct,
         "re-captured traffic not seen by server2's ztunnel"
-    );
-    ensure!(inode(mesh, "client1")? == before, "client1's netns changed");
-    ensure!(
-        dump_inode(mesh, "n1", "client1").await? == Some(before),
-        "client1 not re-enrolled"
     );
     Ok(())
 }

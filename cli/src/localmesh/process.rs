@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -95,6 +96,9 @@ impl Proc {
             .try_clone()
             .map_err(|e| LocalMeshError::io("duplicating a log fd", e))?;
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // Its own process group: a terminal's Ctrl-C reaches only the supervisor, which then
+        // stops the children in order (ztunnel drains before the CA goes away).
+        cmd.process_group(0);
         let program = cmd.get_program().to_string_lossy().into_owned();
         let child = netns::run_in_netns(ns, move || cmd.spawn())?
             .map_err(|e| LocalMeshError::io(format!("starting {program}"), e))?;
