@@ -625,3 +625,28 @@ fn leftover_netns() -> Result<Vec<String>> {
         .map(str::to_string)
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_names_a_state_dir_it_cannot_read() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let err = down(file.path()).unwrap_err().to_string();
+        assert!(err.contains(&file.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn default_layout_has_meshed_pods_on_both_nodes_and_one_plain_pod() {
+        let (nodes, pods) = default_layout();
+        assert_eq!(nodes, ["n1", "n2"]);
+        for node in &nodes {
+            assert_eq!(
+                pods.iter().filter(|p| &p.node == node && p.meshed).count(),
+                2
+            );
+        }
+        assert_eq!(pods.iter().filter(|p| !p.meshed).count(), 1);
+    }
+}
