@@ -415,6 +415,14 @@ impl LocalMesh {
         Ok(pod.open_netns()?)
     }
 
+    /// Every node with its network namespace name.
+    pub fn node_netns(&self) -> Vec<(String, String)> {
+        let nodes = self.nodes.iter();
+        nodes
+            .map(|(name, n)| (name.clone(), n.node.netns_name().to_string()))
+            .collect()
+    }
+
     /// The cluster's state directory.
     pub fn dir(&self) -> &Path {
         &self.dir

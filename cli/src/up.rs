@@ -227,11 +227,12 @@ async fn wait_for_signal(mesh: &mut LocalMesh) -> Result<(), LocalMeshError> {
     for (name, path) in mesh.logs() {
         println!("  {name:<16} {}", path.display());
     }
-    println!(
-        "ztunnel admin: ip netns exec <node netns> curl 127.0.0.1:15000/metrics; \
-        namespaces: ip netns list | grep {}",
-        mesh.cluster().base_name()
-    );
+    for (node, ns) in mesh.node_netns() {
+        println!(
+            "  node {node}: ip netns exec {ns} curl -s 127.0.0.1:15000/metrics (ztunnel), \
+            127.0.0.1:8000/status (agent)"
+        );
+    }
     println!("press Ctrl-C (or send SIGTERM) to tear it down");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| LocalMeshError::Io {
