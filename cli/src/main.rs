@@ -4,6 +4,7 @@
 mod demo;
 
 use clap::{Parser, Subcommand};
+use zmesh::up;
 
 /// zmesh: an ambient-style service mesh.
 #[derive(Debug, Parser)]
@@ -17,6 +18,11 @@ struct Cli {
 enum Command {
     /// Runs the CA and two workloads on loopback and shows an mTLS HBONE round trip between them.
     Demo(demo::Args),
+    /// Starts a local 2-node cluster (network namespaces, needs root) with the real istiod-lite,
+    /// zmesh-cni and ztunnel binaries, sends traffic and shows what the mesh reported.
+    Up(up::UpArgs),
+    /// Removes local clusters left behind by `zmesh up` (processes, namespaces, state).
+    Down(up::DownArgs),
 }
 
 #[tokio::main]
@@ -31,5 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Up(args) => Ok(up::up(args).await?),
+        Command::Down(args) => Ok(up::down(&args)?),
     }
 }

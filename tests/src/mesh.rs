@@ -26,6 +26,8 @@ use mesh_testbed::apps::{self, HttpReply};
 use mesh_testbed::{Cluster, NetnsTask, Node, Pod, netns};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
+/// Prometheus text parsing, shared with `zmesh up` (tested there).
+pub use zmesh::localmesh::metric;
 use zmesh_cni::rules::{self, Backend, CaptureConfig};
 use zmesh_cni::zds::{ZdsHandle, ZdsServer};
 
@@ -517,51 +519,5 @@ impl Ztunnel {
 impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Sums the values of the samples of `name` whose labels include every pair of `labels`.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter_map(|line| parse_sample(line, name))
-        .filter(|(l, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, v)| v)
-        .sum()
-}
-
-fn parse_sample(line: &str, name: &str) -> Option<(HashMap<String, String>, u64)> {
-    let rest = line.strip_prefix(name)?;
-    let (labels, value) = match rest.strip_prefix('{') {
-        Some(r) => r.split_once("} ")?,
-        None => ("", rest.strip_prefix(' ')?),
-    };
-    let mut map = HashMap::new();
-    // Our label values never contain `",` so splitting on it is safe here.
-    for pair in labels.split("\",").filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once("=\"")?;
-        map.insert(k.to_string(), v.trim_end_matches('"').to_string());
-    }
-    Some((map, value.trim().parse::<f64>().ok()? as u64))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn metric_lines_are_matched_by_labels() {
-        let text = "# TYPE x counter\n\
-                    x{reporter=\"source\",a=\"1\"} 3\n\
-                    x{reporter=\"destination\",a=\"1\"} 4\n\
-                    xy{reporter=\"source\"} 9\n\
-                    x 2\n";
-        assert_eq!(metric(text, "x", &[("a", "1")]), 7);
-        assert_eq!(metric(text, "x", &[("reporter", "source")]), 3);
-        assert_eq!(metric(text, "x", &[]), 9);
-        assert_eq!(metric(text, "x", &[("a", "2")]), 0);
     }
 }
