@@ -277,8 +277,8 @@ async fn only_aes_gcm_suites_are_negotiable() {
     assert_eq!(
         suites,
         [
-            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
-            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
         ]
     );
 }
