@@ -14,4 +14,4 @@ echo "==> build tests"
 cargo test --workspace --locked --no-run
 echo "==> run tests (sandboxed: private netns and /run/netns)"
 export MESH_REQUIRE_NETNS=${MESH_REQUIRE_NETNS:-1}
-scripts/sandbox.sh cargo test --workspace --locked --offline -- --test-threads=2
+scripts/sandbox.sh cargo test --workspace --locked --offline --no-fail-fast -- --test-threads=2
