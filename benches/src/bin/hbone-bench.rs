@@ -131,7 +131,13 @@ async fn conn_rate(ep: &Endpoint, args: &Args, pooled: bool) -> anyhow::Result<f
     let workers = (0..args.concurrency).map(|_| async {
         let mut n = 0u64;
         while Instant::now() < deadline {
-            app::ping(ep.open(pooled).await?).await?;
+            // A stalled exchange must fail the run, not hang it.
+            tokio::time::timeout(Duration::from_secs(10), async {
+                app::ping(ep.open(pooled).await?).await?;
+                anyhow::Ok(())
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("a connection stalled for 10 s"))??;
             n += 1;
         }
         anyhow::Ok(n)
