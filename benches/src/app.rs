@@ -35,7 +35,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()
             let mut buf = [0u8; MSG];
             loop {
                 match s.read_exact(&mut buf).await {
-                    Ok(_) => s.write_all(&buf).await?,
+                    Ok(_) => {
+                        s.write_all(&buf).await?;
+                        s.flush().await?;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                     Err(e) => return Err(e),
                 }
@@ -44,10 +47,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()
         b'P' => {
             s.read_exact(&mut mode).await?;
             s.write_all(&mode).await?;
+            s.flush().await?;
             s.shutdown().await
         }
         b'I' => {
             s.write_all(b"i").await?;
+            s.flush().await?;
             let mut sink = [0u8; 16];
             while s.read(&mut sink).await? > 0 {}
             Ok(())
@@ -95,6 +100,7 @@ pub async fn echo_rtts<S: AsyncRead + AsyncWrite + Unpin>(
     for i in 0..warmup + n {
         let start = Instant::now();
         s.write_all(&out).await?;
+        s.flush().await?;
         s.read_exact(&mut back).await?;
         if i >= warmup {
             rtts.push(start.elapsed());
@@ -106,7 +112,9 @@ pub async fn echo_rtts<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// One ping exchange on a fresh connection.
 pub async fn ping<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()> {
+    // TLS streams may keep written bytes buffered until flushed; without it both ends can wait.
     s.write_all(b"P!").await?;
+    s.flush().await?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await?;
     Ok(())
@@ -115,6 +123,7 @@ pub async fn ping<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<()>
 /// Puts a connection into idle mode and waits until the server has answered.
 pub async fn idle<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) -> io::Result<S> {
     s.write_all(b"I").await?;
+    s.flush().await?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await?;
     Ok(s)
