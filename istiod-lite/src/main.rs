@@ -7,7 +7,6 @@ use anyhow::Context;
 use clap::Parser;
 use istiod_lite::app;
 use istiod_lite::config::{self, Config, EnvSource, Layered, LogConfig};
-use tracing_subscriber::EnvFilter;
 
 /// zmesh control plane: SPIFFE certificate authority. Every flag can also be set with the
 /// environment variable in brackets; flags win.
@@ -100,15 +99,8 @@ impl Args {
 }
 
 fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&log.filter)
-        .with_context(|| format!("invalid {} filter {:?}", config::LOG, log.filter))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if log.json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
+    mesh_core::telemetry::init_logging(&log.filter, log.json)
+        .map_err(|e| anyhow::anyhow!("invalid {} filter {:?}: {e}", config::LOG, log.filter))
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod k8s;
 pub mod netns;
 pub mod socket;
+pub mod telemetry;
 pub mod tls;
 pub mod zds;
 

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use ztunnel::app;
 use ztunnel::config::{self, Config, EnvSource, Layered, LogConfig};
 
@@ -98,19 +97,8 @@ impl Args {
 }
 
 fn init_tracing(log: &LogConfig) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&log.filter)
-        .with_context(|| format!("invalid {} filter {:?}", config::LOG, log.filter))?;
-    // Colours only for a human at a terminal, never into log files or collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi);
-    if log.json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
+    mesh_core::telemetry::init_logging(&log.filter, log.json)
+        .map_err(|e| anyhow::anyhow!("invalid {} filter {:?}: {e}", config::LOG, log.filter))
 }
 
 /// First SIGTERM/SIGINT: graceful drain. A second one: exit at once.
