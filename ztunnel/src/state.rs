@@ -3,6 +3,7 @@
 
 pub mod local;
 pub mod model;
+pub mod policy;
 mod shared;
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,6 +22,7 @@ pub struct Store {
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<NetworkAddress, String>,
     endpoints: HashMap<String, BTreeSet<String>>,
+    policies: HashMap<String, policy::PolicyRef>,
 }
 
 impl Store {
@@ -161,6 +163,28 @@ impl Store {
     pub fn services(&self) -> Vec<Arc<Service>> {
         let mut v: Vec<_> = self.services.values().cloned().collect();
         v.sort_by_key(|s| s.key());
+        v
+    }
+
+    /// Adds or replaces an authorization policy (keyed by `namespace/name`).
+    pub fn insert_policy(&mut self, p: policy::Policy) {
+        self.policies.insert(p.key(), Arc::new(p));
+    }
+
+    /// Removes a policy; returns it if it was present.
+    pub fn remove_policy(&mut self, key: &str) -> Option<policy::PolicyRef> {
+        self.policies.remove(key)
+    }
+
+    /// The policy with this `namespace/name` key.
+    pub fn policy(&self, key: &str) -> Option<policy::PolicyRef> {
+        self.policies.get(key).cloned()
+    }
+
+    /// Every policy, in key order.
+    pub fn policies(&self) -> Vec<policy::PolicyRef> {
+        let mut v: Vec<_> = self.policies.values().cloned().collect();
+        v.sort_by_key(|p| p.key());
         v
     }
 
