@@ -62,6 +62,21 @@ macro_rules! kinds {
                 match self { $(Kind::$variant => <$ty as Resource>::KIND,)+ }
             }
 
+            /// The API group (`""` for the core group, `discovery.k8s.io`, ...).
+            pub fn group(self) -> &'static str {
+                match self { $(Kind::$variant => <$ty as Resource>::GROUP,)+ }
+            }
+
+            /// The API version without the group (`v1`).
+            pub fn version(self) -> &'static str {
+                match self { $(Kind::$variant => <$ty as Resource>::VERSION,)+ }
+            }
+
+            /// The plural resource name used in API paths (`pods`, `endpointslices`).
+            pub fn plural(self) -> &'static str {
+                match self { $(Kind::$variant => <$ty as Resource>::URL_PATH_SEGMENT,)+ }
+            }
+
             /// Whether objects of this kind live in a namespace.
             pub fn namespaced(self) -> bool {
                 match self {
