@@ -28,7 +28,16 @@ pub fn median(values: &mut [f64]) -> f64 {
 
 /// Resident set size of this process in bytes, from `/proc/self/statm`.
 pub fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    rss_of("self")
+}
+
+/// Resident set size of process `pid` in bytes (0 if it is gone).
+pub fn process_rss_bytes(pid: u32) -> u64 {
+    rss_of(&pid.to_string())
+}
+
+fn rss_of(proc_dir: &str) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{proc_dir}/statm")).unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)
@@ -39,7 +48,16 @@ pub fn rss_bytes() -> u64 {
 
 /// CPU time (user + system) this process has used so far, from `/proc/self/stat`.
 pub fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_of("self")
+}
+
+/// CPU time (user + system) process `pid` has used so far (zero if it is gone).
+pub fn process_cpu_time(pid: u32) -> Duration {
+    cpu_of(&pid.to_string())
+}
+
+fn cpu_of(proc_dir: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{proc_dir}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();

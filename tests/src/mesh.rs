@@ -403,19 +403,18 @@ pub fn ztunnel_binary() -> Result<PathBuf> {
         return Ok(path.into());
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/ztunnel
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ztunnel"))
-        .context("cannot locate the target directory")?;
-    ensure!(
-        bin.exists(),
-        "ztunnel binary not found at {}: build it first with `cargo build -p ztunnel` \
-         (or set MESH_ZTUNNEL_BIN)",
-        bin.display()
-    );
-    Ok(bin)
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (benchmarks).
+    let dir = exe.parent().context("cannot locate the target directory")?;
+    let candidates = [dir.join("ztunnel"), dir.join("../ztunnel")];
+    let bin = candidates.iter().find(|b| b.exists());
+    let bin = bin.with_context(|| {
+        format!(
+            "ztunnel binary not found next to {} or in its parent: build it first with \
+             `cargo build -p ztunnel` (same profile), or set MESH_ZTUNNEL_BIN",
+            dir.display()
+        )
+    })?;
+    Ok(bin.clone())
 }
 
 /// A `ztunnel` process running inside a node's namespace.
@@ -450,6 +449,11 @@ impl Ztunnel {
             log,
             netns,
         })
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Everything the process logged so far.
