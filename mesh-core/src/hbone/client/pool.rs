@@ -234,7 +234,9 @@ impl PoolInner {
                 reason,
             });
         }
-        let dialed = self.dial(key).await;
+        // Boxed: dialling (TCP, TLS and h2 handshakes) needs kilobytes of future state that would
+        // otherwise be part of every tunnel's task for its whole life, even on the pooled path.
+        let dialed = Box::pin(self.dial(key)).await;
         dialing.last_failure = dialed.as_ref().err().map(|e| (e.kind(), e.to_string()));
         entry.dials.fetch_add(1, Ordering::AcqRel);
         let conn = dialed?;
