@@ -1,9 +1,15 @@
 //! Kubernetes objects as configuration: the typed object model shared by the node agent and the
 //! control plane, and a source that serves them from a directory of YAML files.
 //!
-//! * [`Kind`] / [`Object`] / [`ObjectKey`]: the kinds we understand, as `k8s-openapi` types
-//!   (API version feature `v1_34`). Adding a kind (Service, EndpointSlice, ServiceAccount, Node,
-//!   or our own CRD types) is one line in the `kinds!` list in `k8s/object.rs`.
+//! * [`Kind`] / [`Object`] / [`ObjectKey`]: the kinds we understand. Built-in kinds are
+//!   `k8s-openapi` types (API version feature `v1_34`): `v1` Namespace, Pod, Service,
+//!   ServiceAccount, Node and `discovery.k8s.io/v1` EndpointSlice. Istio's `security.istio.io/v1`
+//!   [`AuthorizationPolicy`] and [`PeerAuthentication`] are our own serde types in [`istio`]
+//!   that keep the paths of fields they do not model (`unknown_fields`), so a consumer can
+//!   report "unsupported field" instead of silently ignoring a constraint. Adding a kind is one
+//!   line in the `kinds!` list in `k8s/object.rs`.
+//! * [`ambient`]: the enrollment decision (`istio.io/dataplane-mode`), a pure function of a
+//!   Namespace and a Pod shared by the node agent and the control plane.
 //! * [`parse_documents`]: multi-document YAML (or a `v1 List`) into objects. Objects are
 //!   recognised by `apiVersion` + `kind`; unknown kinds are skipped with a warning, never an
 //!   error, so one config directory can hold manifests for other tools too.
@@ -16,13 +22,18 @@
 //! In a cluster the same [`Snapshot`] can be filled from kube watchers instead; consumers only
 //! see snapshots.
 
+pub mod ambient;
 mod dir;
+pub mod istio;
 mod object;
 mod parse;
 mod snapshot;
 
 pub use k8s_openapi;
-pub use k8s_openapi::api::core::v1::{Namespace, Pod};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+pub use istio::{AuthorizationPolicy, PeerAuthentication};
 
 pub use dir::{
     DEFAULT_MAX_FILE_SIZE, DEFAULT_POLL_INTERVAL, DirSource, DirSourceConfig, SourceError,

@@ -123,6 +123,18 @@ kinds! {
     Namespace => k8s_openapi::api::core::v1::Namespace,
     /// `v1 Pod`.
     Pod => k8s_openapi::api::core::v1::Pod,
+    /// `v1 Service`.
+    Service => k8s_openapi::api::core::v1::Service,
+    /// `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice => k8s_openapi::api::discovery::v1::EndpointSlice,
+    /// `v1 ServiceAccount`.
+    ServiceAccount => k8s_openapi::api::core::v1::ServiceAccount,
+    /// `v1 Node` (cluster-scoped).
+    Node => k8s_openapi::api::core::v1::Node,
+    /// `security.istio.io/v1 AuthorizationPolicy`.
+    AuthorizationPolicy => super::istio::AuthorizationPolicy,
+    /// `security.istio.io/v1 PeerAuthentication`.
+    PeerAuthentication => super::istio::PeerAuthentication,
 }
 
 impl Kind {
@@ -229,6 +241,26 @@ mod tests {
             ("v2", "Pod", None),
             ("apps/v1", "Deployment", None),
             ("v1", "pod", None),
+            ("v1", "Service", Some(Kind::Service)),
+            (
+                "discovery.k8s.io/v1",
+                "EndpointSlice",
+                Some(Kind::EndpointSlice),
+            ),
+            ("v1", "EndpointSlice", None),
+            ("v1", "ServiceAccount", Some(Kind::ServiceAccount)),
+            ("v1", "Node", Some(Kind::Node)),
+            (
+                "security.istio.io/v1",
+                "AuthorizationPolicy",
+                Some(Kind::AuthorizationPolicy),
+            ),
+            (
+                "security.istio.io/v1",
+                "PeerAuthentication",
+                Some(Kind::PeerAuthentication),
+            ),
+            ("security.istio.io/v1beta1", "AuthorizationPolicy", None),
         ];
         for (api, kind, want) in cases {
             assert_eq!(Kind::from_type(api, kind), want, "{api} {kind}");
@@ -236,6 +268,16 @@ mod tests {
         assert!(Kind::Pod.namespaced());
         assert!(!Kind::Namespace.namespaced());
         assert_eq!(Kind::Pod.to_string(), "Pod");
+        assert!(!Kind::Node.namespaced());
+        for kind in [Kind::Service, Kind::EndpointSlice, Kind::ServiceAccount] {
+            assert!(kind.namespaced(), "{kind}");
+        }
+        assert!(Kind::AuthorizationPolicy.namespaced());
+        assert_eq!(Kind::AuthorizationPolicy.group(), "security.istio.io");
+        assert_eq!(Kind::AuthorizationPolicy.version(), "v1");
+        assert_eq!(Kind::AuthorizationPolicy.plural(), "authorizationpolicies");
+        assert_eq!(Kind::PeerAuthentication.plural(), "peerauthentications");
+        assert_eq!(Kind::EndpointSlice.group(), "discovery.k8s.io");
     }
 
     #[test]

@@ -294,6 +294,88 @@ metadata: {name: a, namespace: n, labels: {v: two}}
         }
     }
 
+    const BUILTIN_KINDS: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}, {port: 90, targetPort: 9090}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.0.1], conditions: {ready: true}}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: web, namespace: shop}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+";
+
+    #[test]
+    fn builtin_kinds_decode() {
+        use crate::k8s::{EndpointSlice, Node, Service, ServiceAccount};
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let parsed = parse_documents(BUILTIN_KINDS).unwrap();
+        assert!(parsed.warnings.is_empty(), "{:?}", parsed.warnings);
+        assert_eq!(
+            keys(&parsed),
+            [
+                "Service shop/web",
+                "EndpointSlice shop/web-abc",
+                "ServiceAccount shop/web",
+                "Node n1"
+            ]
+        );
+        let svc = Service::from_object(&parsed.objects[0]).unwrap();
+        let ports = svc.spec.as_ref().unwrap().ports.as_ref().unwrap();
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String("http".into()))
+        );
+        assert_eq!(ports[1].target_port, Some(IntOrString::Int(9090)));
+        let slice = EndpointSlice::from_object(&parsed.objects[1]).unwrap();
+        assert_eq!(slice.endpoints[0].addresses, ["10.0.0.1"]);
+        assert!(ServiceAccount::from_object(&parsed.objects[2]).is_some());
+        let node = Node::from_object(&parsed.objects[3]).unwrap();
+        assert_eq!(node.metadata.namespace, None, "cluster-scoped");
+    }
+
+    #[test]
+    fn builtin_kinds_reject_bad_fields_by_path() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: http}]}\n",
+                "(Service default/s): spec.ports[0].port: invalid type",
+            ),
+            (
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\n\
+                 addressType: IPv4\nendpoints: [{addresses: 10.0.0.1}]\n",
+                "(EndpointSlice default/e): endpoints[0].addresses: invalid type",
+            ),
+            (
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa}\nautomountServiceAccountToken: maybe\n",
+                "(ServiceAccount default/sa): automountServiceAccountToken: invalid type",
+            ),
+            (
+                "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nspec: {unschedulable: 3}\n",
+                "(Node n): spec.unschedulable: invalid type",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = parse_documents(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
     #[test]
     fn empty_text_is_no_objects() {
         for text in ["", "\n", "---\n", "# nothing\n"] {
