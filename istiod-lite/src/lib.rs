@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod serving_cert;
+pub mod xds;
 
 #[cfg(feature = "testing")]
 pub mod testing;
