@@ -245,7 +245,11 @@ mod tests {
             "ns/gone".into(),
             policy("gone", false),
         );
-        old.insert(ADDRESS_TYPE_URL, "a".into(), pack(&Default::default()));
+        old.insert(
+            ADDRESS_TYPE_URL,
+            "a".into(),
+            pack(&mesh_proto::workload::Address::default()),
+        );
         let mut new = old.clone();
         assert!(new.changes_since(&old).is_empty(), "unchanged clone");
         new.insert(
