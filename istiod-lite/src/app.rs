@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use mesh_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -17,8 +18,9 @@ use crate::ca::store::{self, CaMaterial};
 use crate::ca::{CaService, CertificateAuthority, SigningPolicy};
 use crate::config::{CaConfig, CaSource, Config};
 use crate::grpc::{GrpcError, GrpcServer};
-use crate::metrics::{self, CaMetrics};
+use crate::metrics::{self, CaMetrics, XdsMetrics};
 use crate::serving_cert::{self, ServingCertResolver, ServingCertSpec};
+use crate::xds::{AdsService, AdsSettings, ResourceSet};
 
 // Warn operators well before the CA itself expires and every workload certificate with it.
 const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86400);
@@ -32,6 +34,7 @@ pub struct Bound {
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), GrpcError>>,
     drain_timeout: Duration,
+    resources: watch::Sender<Arc<ResourceSet>>,
 }
 
 impl Bound {
@@ -43,6 +46,12 @@ impl Bound {
     /// Where the root certificate PEM was written.
     pub fn root_cert_path(&self) -> &Path {
         &self.root_cert_path
+    }
+
+    /// The xDS feed: every value sent here is served (debounced) to connected proxies. Starts
+    /// empty; the configuration translation publishes into it.
+    pub fn resources(&self) -> watch::Sender<Arc<ResourceSet>> {
+        self.resources.clone()
     }
 
     /// Cancelling this token starts a graceful shutdown.
@@ -82,10 +91,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let material = load_ca(&config.ca)?;
     warn_if_expiring(&material);
     let authority = Arc::new(CertificateAuthority::new(material).context("cannot start the ca")?);
+    let shutdown = CancellationToken::new();
     write_root(&config.server.root_cert_out, authority.roots_pem())?;
 
     let tokens = StaticTokens::load(&config.auth.tokens_file, &config.ca.trust_domain)?;
     tracing::info!(tokens = tokens.len(), "loaded tokens file");
+    let authenticator = Arc::new(tokens.authenticator(&config.auth.cluster_id));
     let policy = SigningPolicy {
         trust_domain: config.ca.trust_domain.clone(),
         trusted_node_accounts: config.auth.trusted_node_accounts.clone(),
@@ -94,7 +105,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     };
     let service = CaService::new(
         authority.clone(),
-        Arc::new(tokens.authenticator(&config.auth.cluster_id)),
+        authenticator.clone(),
         Arc::new(tokens.node_locality()),
         policy,
         ca_metrics,
@@ -110,14 +121,27 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let server = GrpcServer::bind(config.server.grpc_addr, tls).await?;
     let grpc_address = server.address();
 
-    let shutdown = CancellationToken::new();
+    let (resources, feed) = watch::channel(Arc::new(ResourceSet::new()));
+    let settings = AdsSettings {
+        debounce: config.xds.debounce,
+        max_debounce: config.xds.max_debounce,
+        ack_timeout: config.xds.ack_timeout,
+    };
+    let ads = AdsService::new(
+        feed,
+        authenticator,
+        settings,
+        XdsMetrics::new(),
+        shutdown.clone(),
+    );
     // A CSR request is about 1 KiB; refuse anything far larger before decoding it.
     let ca_server =
         IstioCertificateServiceServer::new(service).max_decoding_message_size(MAX_CA_REQUEST_BYTES);
-    let routes = Routes::new(ca_server);
+    // CA and xDS share the port, as in Istio.
+    let routes = Routes::new(ca_server).add_service(ads.into_server());
     let server = tokio::spawn(server.run(routes, shutdown.clone()));
     tokio::spawn(resolver.rotate(authority, spec, shutdown.clone()));
-    tracing::info!(address = %grpc_address, "ca serving");
+    tracing::info!(address = %grpc_address, "ca and xds serving");
 
     Ok(Bound {
         grpc_address,
@@ -125,6 +149,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         shutdown,
         server,
         drain_timeout: config.server.drain_timeout,
+        resources,
     })
 }
 

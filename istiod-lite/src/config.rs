@@ -42,6 +42,12 @@ pub const CLUSTER_ID: &str = "ISTIOD_CLUSTER_ID";
 pub const TRUSTED_NODE_ACCOUNTS: &str = "ISTIOD_TRUSTED_NODE_ACCOUNTS";
 /// How long in-flight requests get to finish at shutdown.
 pub const DRAIN_TIMEOUT: &str = "ISTIOD_DRAIN_TIMEOUT";
+/// Quiet period that ends a burst of configuration changes before xDS pushes.
+pub const XDS_DEBOUNCE: &str = "ISTIOD_XDS_DEBOUNCE";
+/// Longest a configuration change waits for its burst to end before it is pushed.
+pub const XDS_MAX_DEBOUNCE: &str = "ISTIOD_XDS_MAX_DEBOUNCE";
+/// How long a proxy may leave an xDS response unacknowledged before its stream is closed.
+pub const XDS_ACK_TIMEOUT: &str = "ISTIOD_XDS_ACK_TIMEOUT";
 /// `tracing` filter directive, e.g. `info` or `istiod_lite=debug`.
 pub const LOG: &str = "ISTIOD_LOG";
 /// `text` or `json`.
@@ -66,6 +72,12 @@ const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 const DEFAULT_TRUSTED_NODE_ACCOUNTS: &str = "istio-system/ztunnel";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_LOG: &str = "info";
+// istiod's PILOT_DEBOUNCE_AFTER; its PILOT_DEBOUNCE_MAX is 10 s, but a second keeps pod changes
+// reaching proxies promptly under constant churn.
+const DEFAULT_XDS_DEBOUNCE: Duration = Duration::from_millis(100);
+const DEFAULT_XDS_MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+// Generous: a proxy applying a large snapshot on a busy node must not be cut off.
+const DEFAULT_XDS_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub use mesh_core::config::{EnvSource, Layered, Source, parse_duration};
 
@@ -106,6 +118,22 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The xDS server.
+    pub xds: XdsConfig,
+}
+
+/// The xDS server's timing.
+#[derive(Debug, Clone, Serialize)]
+pub struct XdsConfig {
+    /// Quiet period ending a burst of changes.
+    #[serde(serialize_with = "ser_duration")]
+    pub debounce: Duration,
+    /// Longest wait for a burst to end.
+    #[serde(serialize_with = "ser_duration")]
+    pub max_debounce: Duration,
+    /// Unacknowledged-response limit.
+    #[serde(serialize_with = "ser_duration")]
+    pub ack_timeout: Duration,
 }
 
 /// The TLS gRPC server.
@@ -189,6 +217,7 @@ impl Config {
             ca: ca_config(source)?,
             auth: auth_config(source)?,
             log: log_config(source)?,
+            xds: xds_config(source)?,
         };
         config.validate()?;
         Ok(config)
@@ -284,6 +313,21 @@ fn auth_config(source: &impl Source) -> Result<AuthConfig, ConfigError> {
         cluster_id,
         trusted_node_accounts,
     })
+}
+
+fn xds_config(source: &impl Source) -> Result<XdsConfig, ConfigError> {
+    let xds = XdsConfig {
+        debounce: duration(source, XDS_DEBOUNCE, DEFAULT_XDS_DEBOUNCE)?,
+        max_debounce: duration(source, XDS_MAX_DEBOUNCE, DEFAULT_XDS_MAX_DEBOUNCE)?,
+        ack_timeout: duration(source, XDS_ACK_TIMEOUT, DEFAULT_XDS_ACK_TIMEOUT)?,
+    };
+    if xds.max_debounce < xds.debounce {
+        return Err(ConfigError::Inconsistent(format!(
+            "{XDS_MAX_DEBOUNCE} ({:?}) is shorter than {XDS_DEBOUNCE} ({:?})",
+            xds.max_debounce, xds.debounce
+        )));
+    }
+    Ok(xds)
 }
 
 fn log_config(source: &impl Source) -> Result<LogConfig, ConfigError> {
@@ -389,6 +433,29 @@ mod tests {
         map.entry(TOKENS_FILE.to_string())
             .or_insert_with(|| "/etc/istiod/tokens.yaml".to_string());
         map
+    }
+
+    #[test]
+    fn xds_timing_defaults_and_checks() {
+        let xds = Config::from_source(&source(&[])).unwrap().xds;
+        assert_eq!(xds.debounce, Duration::from_millis(100));
+        assert_eq!(xds.max_debounce, Duration::from_secs(1));
+        assert_eq!(xds.ack_timeout, Duration::from_secs(30));
+        let cases = [
+            (
+                &[(XDS_DEBOUNCE, "2s")][..],
+                "ISTIOD_XDS_MAX_DEBOUNCE (1s) is shorter",
+            ),
+            (
+                &[(XDS_ACK_TIMEOUT, "0")][..],
+                "for ISTIOD_XDS_ACK_TIMEOUT: the duration must be positive",
+            ),
+            (&[(XDS_DEBOUNCE, "soon")][..], "for ISTIOD_XDS_DEBOUNCE"),
+        ];
+        for (pairs, want) in cases {
+            let err = Config::from_source(&source(pairs)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod serving_cert;
 pub mod translate;
+pub mod xds;
 
 #[cfg(feature = "testing")]
 pub mod testing;
