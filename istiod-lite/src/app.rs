@@ -20,6 +20,9 @@ use crate::config::{CaConfig, CaSource, Config};
 use crate::grpc::{GrpcError, GrpcServer};
 use crate::metrics::{self, CaMetrics, XdsMetrics};
 use crate::serving_cert::{self, ServingCertResolver, ServingCertSpec};
+use crate::auth::NodeLocality;
+use crate::source::{self, SnapshotLocality};
+use crate::translate::TranslateConfig;
 use crate::xds::{AdsService, AdsSettings, ResourceSet};
 
 // Warn operators well before the CA itself expires and every workload certificate with it.
@@ -97,6 +100,13 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let tokens = StaticTokens::load(&config.auth.tokens_file, &config.ca.trust_domain)?;
     tracing::info!(tokens = tokens.len(), "loaded tokens file");
     let authenticator = Arc::new(tokens.authenticator(&config.auth.cluster_id));
+    let snapshots = source::start(&config.source, shutdown.clone()).await?;
+    // With an object source, "is this pod on the caller's node" is answered from the real pods;
+    // without one, from the placements in the tokens file.
+    let locality: Arc<dyn NodeLocality> = match &snapshots {
+        Some(rx) => Arc::new(SnapshotLocality::new(rx.clone())),
+        None => Arc::new(tokens.node_locality()),
+    };
     let policy = SigningPolicy {
         trust_domain: config.ca.trust_domain.clone(),
         trusted_node_accounts: config.auth.trusted_node_accounts.clone(),
@@ -106,7 +116,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let service = CaService::new(
         authority.clone(),
         authenticator.clone(),
-        Arc::new(tokens.node_locality()),
+        locality,
         policy,
         ca_metrics,
     );
@@ -122,6 +132,15 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let grpc_address = server.address();
 
     let (resources, feed) = watch::channel(Arc::new(ResourceSet::new()));
+    if let Some(rx) = snapshots {
+        let translate = TranslateConfig {
+            trust_domain: config.ca.trust_domain.clone(),
+            cluster_id: config.auth.cluster_id.clone(),
+            root_namespace: config.source.root_namespace.clone(),
+            ..TranslateConfig::default()
+        };
+        tokio::spawn(source::publish(rx, translate, resources.clone(), shutdown.clone()));
+    }
     let settings = AdsSettings {
         debounce: config.xds.debounce,
         max_debounce: config.xds.max_debounce,

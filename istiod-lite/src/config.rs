@@ -48,6 +48,17 @@ pub const XDS_DEBOUNCE: &str = "ISTIOD_XDS_DEBOUNCE";
 pub const XDS_MAX_DEBOUNCE: &str = "ISTIOD_XDS_MAX_DEBOUNCE";
 /// How long a proxy may leave an xDS response unacknowledged before its stream is closed.
 pub const XDS_ACK_TIMEOUT: &str = "ISTIOD_XDS_ACK_TIMEOUT";
+/// Where Kubernetes objects come from: `dir` (a directory of YAML, [`CONFIG_DIR`]), `kube` (the
+/// API server, from kubeconfig or the in-cluster service account) or `none` (CA only, no xDS
+/// resources). Default: `dir` when [`CONFIG_DIR`] is set, else `none`.
+pub const CONFIG_SOURCE: &str = "ISTIOD_CONFIG_SOURCE";
+/// Directory of Kubernetes YAML (Namespaces, Pods, Services, AuthorizationPolicies, ...) watched
+/// for changes in standalone mode.
+pub const CONFIG_DIR: &str = "ISTIOD_CONFIG_DIR";
+/// How often [`CONFIG_DIR`] is checked for changes.
+pub const CONFIG_POLL: &str = "ISTIOD_CONFIG_POLL";
+/// Istio root namespace: its policies apply mesh-wide.
+pub const ROOT_NAMESPACE: &str = "ISTIOD_ROOT_NAMESPACE";
 /// `tracing` filter directive, e.g. `info` or `istiod_lite=debug`.
 pub const LOG: &str = "ISTIOD_LOG";
 /// `text` or `json`.
@@ -74,6 +85,8 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_LOG: &str = "info";
 // istiod's PILOT_DEBOUNCE_AFTER; its PILOT_DEBOUNCE_MAX is 10 s, but a second keeps pod changes
 // reaching proxies promptly under constant churn.
+const DEFAULT_CONFIG_POLL: Duration = Duration::from_millis(500);
+const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 const DEFAULT_XDS_DEBOUNCE: Duration = Duration::from_millis(100);
 const DEFAULT_XDS_MAX_DEBOUNCE: Duration = Duration::from_secs(1);
 // Generous: a proxy applying a large snapshot on a busy node must not be cut off.
@@ -120,6 +133,35 @@ pub struct Config {
     pub log: LogConfig,
     /// The xDS server.
     pub xds: XdsConfig,
+    /// Where the Kubernetes objects behind xDS come from.
+    pub source: SourceConfig,
+}
+
+/// Where Kubernetes objects come from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SourceKind {
+    /// No objects: the CA runs alone and xDS serves empty resource sets.
+    None,
+    /// A directory of Kubernetes YAML, polled.
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Poll interval.
+        #[serde(serialize_with = "ser_duration")]
+        poll: Duration,
+    },
+    /// The Kubernetes API server (kubeconfig or in-cluster).
+    Kube,
+}
+
+/// The object source and the translation settings.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceConfig {
+    /// Where objects come from.
+    pub kind: SourceKind,
+    /// Istio root namespace.
+    pub root_namespace: String,
 }
 
 /// The xDS server's timing.
@@ -218,6 +260,7 @@ impl Config {
             auth: auth_config(source)?,
             log: log_config(source)?,
             xds: xds_config(source)?,
+            source: source_config(source)?,
         };
         config.validate()?;
         Ok(config)
@@ -328,6 +371,45 @@ fn xds_config(source: &impl Source) -> Result<XdsConfig, ConfigError> {
         )));
     }
     Ok(xds)
+}
+
+fn source_config(source: &impl Source) -> Result<SourceConfig, ConfigError> {
+    let dir = non_empty(source, CONFIG_DIR);
+    let requested = non_empty(source, CONFIG_SOURCE);
+    let kind = match (requested.as_deref(), dir) {
+        (None | Some("dir"), Some(dir)) => SourceKind::Dir {
+            dir: dir.into(),
+            poll: duration(source, CONFIG_POLL, DEFAULT_CONFIG_POLL)?,
+        },
+        (Some("dir"), None) => {
+            return Err(ConfigError::Missing {
+                key: CONFIG_DIR,
+                why: "ISTIOD_CONFIG_SOURCE=dir reads objects from that directory",
+            });
+        }
+        (None | Some("none"), None) => SourceKind::None,
+        (Some("kube"), None) => SourceKind::Kube,
+        (Some(kind @ ("none" | "kube")), Some(_)) => {
+            return Err(ConfigError::Inconsistent(format!(
+                "{CONFIG_DIR} is set but {CONFIG_SOURCE} is {kind:?}; unset one of them"
+            )));
+        }
+        (Some(other), _) => {
+            return Err(invalid(
+                CONFIG_SOURCE,
+                other,
+                "expected one of: dir, kube, none",
+            ));
+        }
+    };
+    let root_namespace = get_or(source, ROOT_NAMESPACE, DEFAULT_ROOT_NAMESPACE);
+    if root_namespace.trim().is_empty() {
+        return Err(invalid(ROOT_NAMESPACE, &root_namespace, "it must not be empty"));
+    }
+    Ok(SourceConfig {
+        kind,
+        root_namespace,
+    })
 }
 
 fn log_config(source: &impl Source) -> Result<LogConfig, ConfigError> {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod grpc;
 pub mod metrics;
 pub mod serving_cert;
+pub mod source;
 pub mod translate;
 pub mod xds;
 

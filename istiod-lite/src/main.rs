@@ -58,6 +58,18 @@ struct Args {
     /// Grace period for in-flight requests at shutdown [ISTIOD_DRAIN_TIMEOUT, default 5s].
     #[arg(long)]
     drain_timeout: Option<String>,
+    /// Object source: dir, kube or none [ISTIOD_CONFIG_SOURCE].
+    #[arg(long)]
+    config_source: Option<String>,
+    /// Directory of Kubernetes YAML to serve over xDS [ISTIOD_CONFIG_DIR].
+    #[arg(long)]
+    config_dir: Option<String>,
+    /// Poll interval of the config directory [ISTIOD_CONFIG_POLL, 500ms].
+    #[arg(long)]
+    config_poll: Option<String>,
+    /// Istio root namespace [ISTIOD_ROOT_NAMESPACE, istio-system].
+    #[arg(long)]
+    root_namespace: Option<String>,
     /// Log filter, e.g. info or istiod_lite=debug [ISTIOD_LOG].
     #[arg(long)]
     log: Option<String>,
@@ -88,6 +100,10 @@ impl Args {
             (config::SELF_SIGNED_ROOT_TTL, self.self_signed_root_ttl),
             (config::CLUSTER_ID, self.cluster_id),
             (config::DRAIN_TIMEOUT, self.drain_timeout),
+            (config::CONFIG_SOURCE, self.config_source),
+            (config::CONFIG_DIR, self.config_dir),
+            (config::CONFIG_POLL, self.config_poll),
+            (config::ROOT_NAMESPACE, self.root_namespace),
             (config::LOG, self.log),
             (config::LOG_FORMAT, self.log_format),
         ];
