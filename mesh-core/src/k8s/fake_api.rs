@@ -261,6 +261,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut connections = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: let it pass rather than spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let shared = shared.clone();

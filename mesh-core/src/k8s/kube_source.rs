@@ -184,6 +184,11 @@ impl KubeSource {
         });
         let mut events = futures::stream::select_all(streams);
         let mut stores = Stores::new(&self.config.kinds);
+        if self.config.kinds.is_empty() {
+            // Nothing to watch: ready at once, with an empty snapshot.
+            self.publish(&stores);
+            return std::future::pending().await;
+        }
         let mut deadline: Option<Instant> = None;
         loop {
             let publish_at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));

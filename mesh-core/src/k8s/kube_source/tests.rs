@@ -240,6 +240,21 @@ async fn a_burst_of_events_is_one_snapshot() {
     assert_eq!(snapshot.version(), 2, "one snapshot for the whole burst");
 }
 
+#[tokio::test]
+async fn no_kinds_is_ready_and_empty() {
+    let server = fake().await;
+    let rx = start(
+        &server,
+        KubeSourceConfig {
+            kinds: Vec::new(),
+            ..config()
+        },
+    )
+    .await;
+    assert!(rx.borrow().is_empty());
+    assert!(server.requests().is_empty());
+}
+
 #[test]
 fn backoff_doubles_to_the_cap_and_resets() {
     let mut backoff =
