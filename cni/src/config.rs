@@ -15,8 +15,13 @@ use serde::{Serialize, Serializer};
 use crate::locate::DEFAULT_NETNS_DIR;
 use crate::rules::Backend;
 
+/// Where Namespaces and Pods come from: `dir` (a directory of YAML) or `kube` (the API server).
+pub const ENV_CONFIG_SOURCE: &str = "ZMESH_CNI_CONFIG_SOURCE";
 /// Config directory (Kubernetes YAML with Namespaces and Pods).
 pub const ENV_CONFIG_DIR: &str = "ZMESH_CNI_CONFIG_DIR";
+/// Kubeconfig file for `--config-source kube`; unset: `KUBECONFIG`, `~/.kube/config`, then the
+/// in-cluster service account.
+pub const ENV_KUBECONFIG: &str = "ZMESH_CNI_KUBECONFIG";
 /// This node's name.
 pub const ENV_NODE_NAME: &str = "ZMESH_CNI_NODE_NAME";
 /// Downward-API node name (unprefixed, as Kubernetes manifests set it); used when
@@ -83,9 +88,15 @@ pub enum ConfigError {
     about = "zmesh node agent: enrolls pods in the mesh and hands them to ztunnel over ZDS"
 )]
 struct Args {
-    /// Directory of Kubernetes YAML (Namespaces, Pods) [env: ZMESH_CNI_CONFIG_DIR]
+    /// Where Namespaces and Pods come from: dir or kube [env: ZMESH_CNI_CONFIG_SOURCE] [default: dir]
+    #[arg(long, value_name = "SOURCE")]
+    config_source: Option<String>,
+    /// Directory of Kubernetes YAML (Namespaces, Pods); `dir` source [env: ZMESH_CNI_CONFIG_DIR]
     #[arg(long, value_name = "DIR")]
     config_dir: Option<String>,
+    /// Kubeconfig file; `kube` source [env: ZMESH_CNI_KUBECONFIG] [default: KUBECONFIG, ~/.kube/config, in-cluster]
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<String>,
     /// This node's name; pods match on spec.nodeName [env: ZMESH_CNI_NODE_NAME, NODE_NAME]
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -111,12 +122,21 @@ struct Args {
 
 /// Where the pods and namespaces come from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct SourceConfig {
-    /// The config directory.
-    pub dir: PathBuf,
-    /// How often it is polled.
-    #[serde(serialize_with = "as_debug")]
-    pub poll_interval: Duration,
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// A directory of Kubernetes YAML, polled.
+    Dir {
+        /// The config directory.
+        dir: PathBuf,
+        /// How often it is polled.
+        #[serde(serialize_with = "as_debug")]
+        poll_interval: Duration,
+    },
+    /// The Kubernetes API server: Namespaces, and the Pods of this node.
+    Kube {
+        /// Kubeconfig file; `None` infers (`KUBECONFIG`, `~/.kube/config`, in-cluster).
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 /// How pods are captured.
@@ -175,22 +195,20 @@ impl Config {
     {
         let args = Args::try_parse_from(args)?;
         let setting = |flag, vars: &[&str]| pick(flag, env, vars);
-        let dir = setting(args.config_dir, &[ENV_CONFIG_DIR]).ok_or(ConfigError::Missing(
-            "--config-dir (or ZMESH_CNI_CONFIG_DIR)",
-        ))?;
+        let source = parse_source(
+            setting(args.config_source, &[ENV_CONFIG_SOURCE]),
+            setting(args.config_dir, &[ENV_CONFIG_DIR]),
+            setting(args.kubeconfig, &[ENV_KUBECONFIG]),
+            setting(args.poll_interval, &[ENV_POLL_INTERVAL]),
+        )?;
         let node_name = setting(args.node_name, &[ENV_NODE_NAME, ENV_K8S_NODE_NAME]).ok_or(
             ConfigError::Missing("--node-name (or ZMESH_CNI_NODE_NAME / NODE_NAME)"),
         )?;
         validate_node_name(&node_name)?;
-        let poll_interval = setting(args.poll_interval, &[ENV_POLL_INTERVAL])
-            .map_or(Ok(DEFAULT_POLL_INTERVAL), |v| parse_poll_interval(&v))?;
         let or = |value: Option<String>, default: &str| value.unwrap_or_else(|| default.to_owned());
         Ok(Config {
             node_name,
-            source: SourceConfig {
-                dir: dir.into(),
-                poll_interval,
-            },
+            source,
             zds_socket: or(
                 setting(args.zds_socket, &[ENV_ZDS_SOCKET]),
                 DEFAULT_ZDS_SOCKET,
@@ -206,6 +224,54 @@ impl Config {
             ))?,
             log: or(setting(args.log, &[ENV_LOG]), DEFAULT_LOG),
         })
+    }
+}
+
+/// The config source from `--config-source` and the settings that belong to it; a setting of
+/// the other source is an error rather than silently ignored.
+fn parse_source(
+    source: Option<String>,
+    dir: Option<String>,
+    kubeconfig: Option<String>,
+    poll_interval: Option<String>,
+) -> Result<SourceConfig, ConfigError> {
+    let unused = |setting: &'static str, value: String, source: &str| ConfigError::Invalid {
+        setting,
+        value,
+        reason: format!("only used with --config-source {source}"),
+    };
+    match source.as_deref().unwrap_or("dir") {
+        "dir" => {
+            if let Some(path) = kubeconfig {
+                return Err(unused("--kubeconfig / ZMESH_CNI_KUBECONFIG", path, "kube"));
+            }
+            let dir = dir.ok_or(ConfigError::Missing(
+                "--config-dir (or ZMESH_CNI_CONFIG_DIR)",
+            ))?;
+            let poll_interval =
+                poll_interval.map_or(Ok(DEFAULT_POLL_INTERVAL), |v| parse_poll_interval(&v))?;
+            Ok(SourceConfig::Dir {
+                dir: dir.into(),
+                poll_interval,
+            })
+        }
+        "kube" => {
+            if let Some(dir) = dir {
+                return Err(unused("--config-dir / ZMESH_CNI_CONFIG_DIR", dir, "dir"));
+            }
+            if let Some(interval) = poll_interval {
+                let setting = "--poll-interval / ZMESH_CNI_POLL_INTERVAL";
+                return Err(unused(setting, interval, "dir"));
+            }
+            Ok(SourceConfig::Kube {
+                kubeconfig: kubeconfig.map(PathBuf::from),
+            })
+        }
+        other => Err(ConfigError::Invalid {
+            setting: "--config-source / ZMESH_CNI_CONFIG_SOURCE",
+            value: other.to_owned(),
+            reason: "expected dir or kube".to_owned(),
+        }),
     }
 }
 
@@ -300,8 +366,13 @@ mod tests {
     fn defaults_with_required_flags() {
         let config = parse(&["--config-dir", "/etc/zmesh", "--node-name", "n1"], &[]).unwrap();
         assert_eq!(config.node_name, "n1");
-        assert_eq!(config.source.dir, PathBuf::from("/etc/zmesh"));
-        assert_eq!(config.source.poll_interval, DEFAULT_POLL_INTERVAL);
+        assert_eq!(
+            config.source,
+            SourceConfig::Dir {
+                dir: PathBuf::from("/etc/zmesh"),
+                poll_interval: DEFAULT_POLL_INTERVAL
+            }
+        );
         assert_eq!(config.zds_socket, PathBuf::from(DEFAULT_ZDS_SOCKET));
         assert_eq!(config.capture.backend, Backend::Nftables);
         assert_eq!(config.capture.netns_dir, PathBuf::from("/run/netns"));
@@ -310,6 +381,7 @@ mod tests {
         let json = serde_json::to_value(&config).unwrap();
         assert_eq!(json["capture"]["backend"], "nftables");
         assert_eq!(json["source"]["poll_interval"], "500ms");
+        assert_eq!(json["source"]["type"], "dir");
     }
 
     #[test]
@@ -325,19 +397,25 @@ mod tests {
             (ENV_LOG, "debug"),
         ];
         let config = parse(&[], &env).unwrap();
-        assert_eq!(config.source.dir, PathBuf::from("/from/env"));
+        let dir = |c: &Config| match &c.source {
+            SourceConfig::Dir { dir, .. } => dir.clone(),
+            SourceConfig::Kube { .. } => panic!("not a dir source"),
+        };
+        assert_eq!(dir(&config), PathBuf::from("/from/env"));
         assert_eq!(config.node_name, "k8s-node");
         assert_eq!(config.capture.backend, Backend::Iptables);
         assert_eq!(config.zds_socket, PathBuf::from("/tmp/z.sock"));
         assert_eq!(config.capture.netns_dir, PathBuf::from("/tmp/netns"));
         assert_eq!(config.admin_addr.port(), 0);
-        assert_eq!(config.source.poll_interval, Duration::from_secs(2));
+        assert!(
+            matches!(config.source, SourceConfig::Dir { poll_interval, .. } if poll_interval == Duration::from_secs(2))
+        );
         assert_eq!(config.log, "debug");
 
         let mut env = env.to_vec();
         env.push((ENV_NODE_NAME, "prefixed"));
         let config = parse(&["--config-dir", "/flag", "--backend", "nft"], &env).unwrap();
-        assert_eq!(config.source.dir, PathBuf::from("/flag"));
+        assert_eq!(dir(&config), PathBuf::from("/flag"));
         assert_eq!(
             config.node_name, "prefixed",
             "prefixed variable beats NODE_NAME"
@@ -393,6 +471,45 @@ mod tests {
             Err(ConfigError::Args(_))
         ));
         assert!(matches!(parse(&["--help"], &[]), Err(ConfigError::Args(_))));
+    }
+
+    #[test]
+    fn kubernetes_source() {
+        let config = parse(&["--config-source", "kube", "--node-name", "n1"], &[]).unwrap();
+        assert_eq!(config.source, SourceConfig::Kube { kubeconfig: None });
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["source"]["type"], "kube");
+        let env = [
+            (ENV_CONFIG_SOURCE, "kube"),
+            (ENV_KUBECONFIG, "/etc/kube.yaml"),
+        ];
+        let config = parse(&["--node-name", "n1"], &env).unwrap();
+        let kubeconfig = Some(PathBuf::from("/etc/kube.yaml"));
+        assert_eq!(config.source, SourceConfig::Kube { kubeconfig });
+
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--config-source", "etcd"],
+                "invalid --config-source / ZMESH_CNI_CONFIG_SOURCE \"etcd\": expected dir or kube",
+            ),
+            (
+                &["--config-source", "kube", "--config-dir", "/d"],
+                "invalid --config-dir / ZMESH_CNI_CONFIG_DIR \"/d\": only used with --config-source dir",
+            ),
+            (
+                &["--config-source", "kube", "--poll-interval", "1s"],
+                "only used with --config-source dir",
+            ),
+            (
+                &["--config-dir", "/d", "--kubeconfig", "/k"],
+                "invalid --kubeconfig / ZMESH_CNI_KUBECONFIG \"/k\": only used with --config-source kube",
+            ),
+        ];
+        for (args, want) in cases {
+            let args: Vec<&str> = args.iter().copied().chain(["--node-name", "n1"]).collect();
+            let err = parse(&args, &[]).unwrap_err().to_string();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
     }
 
     #[test]
