@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
+use crate::auth::NodeLocality;
 use crate::auth::token_file::StaticTokens;
 use crate::ca::store::{self, CaMaterial};
 use crate::ca::{CaService, CertificateAuthority, SigningPolicy};
@@ -20,7 +21,6 @@ use crate::config::{CaConfig, CaSource, Config};
 use crate::grpc::{GrpcError, GrpcServer};
 use crate::metrics::{self, CaMetrics, XdsMetrics};
 use crate::serving_cert::{self, ServingCertResolver, ServingCertSpec};
-use crate::auth::NodeLocality;
 use crate::source::{self, SnapshotLocality};
 use crate::translate::TranslateConfig;
 use crate::xds::{AdsService, AdsSettings, ResourceSet};
@@ -139,7 +139,12 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
             root_namespace: config.source.root_namespace.clone(),
             ..TranslateConfig::default()
         };
-        tokio::spawn(source::publish(rx, translate, resources.clone(), shutdown.clone()));
+        tokio::spawn(source::publish(
+            rx,
+            translate,
+            resources.clone(),
+            shutdown.clone(),
+        ));
     }
     let settings = AdsSettings {
         debounce: config.xds.debounce,

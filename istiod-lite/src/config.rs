@@ -404,7 +404,11 @@ fn source_config(source: &impl Source) -> Result<SourceConfig, ConfigError> {
     };
     let root_namespace = get_or(source, ROOT_NAMESPACE, DEFAULT_ROOT_NAMESPACE);
     if root_namespace.trim().is_empty() {
-        return Err(invalid(ROOT_NAMESPACE, &root_namespace, "it must not be empty"));
+        return Err(invalid(
+            ROOT_NAMESPACE,
+            &root_namespace,
+            "it must not be empty",
+        ));
     }
     Ok(SourceConfig {
         kind,

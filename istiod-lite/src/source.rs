@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::Pod;
+use mesh_core::k8s::Pod;
 use mesh_core::k8s::{self, DirSource, DirSourceConfig, Snapshot};
 use mesh_proto::any::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, pack};
 use tokio::sync::watch;
@@ -28,7 +28,10 @@ use crate::xds::ResourceSet;
 pub type Snapshots = watch::Receiver<Arc<Snapshot>>;
 
 /// Starts the object source; `None` when none is configured (CA-only mode).
-pub async fn start(config: &SourceConfig, shutdown: CancellationToken) -> anyhow::Result<Option<Snapshots>> {
+pub async fn start(
+    config: &SourceConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<Snapshots>> {
     match &config.kind {
         SourceKind::None => Ok(None),
         SourceKind::Dir { dir, poll } => {
@@ -132,8 +135,9 @@ fn report_problems(reported: &mut BTreeSet<String>, problems: Vec<String>) {
 /// Answers the CA's impersonation check from the pods in the current snapshot.
 pub struct SnapshotLocality {
     snapshots: Snapshots,
-    // (snapshot version, {(namespace, service account, node)}) built on first use per version.
-    index: Mutex<(u64, Arc<HashSet<(String, String, String)>>)>,
+    // {(namespace, service account, node)} of the snapshot it was built from, rebuilt on first
+    // use after the snapshot changes.
+    index: Mutex<Option<(Arc<Snapshot>, Arc<Placements>)>>,
 }
 
 impl SnapshotLocality {
@@ -141,21 +145,29 @@ impl SnapshotLocality {
     pub fn new(snapshots: Snapshots) -> Self {
         Self {
             snapshots,
-            index: Mutex::new((u64::MAX, Arc::default())),
+            index: Mutex::new(None),
         }
     }
 
-    fn placements(&self) -> Arc<HashSet<(String, String, String)>> {
+    fn placements(&self) -> Arc<Placements> {
         let snapshot = self.snapshots.borrow().clone();
         let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if index.0 != snapshot.version() {
-            *index = (snapshot.version(), Arc::new(placements(&snapshot)));
+        match &*index {
+            Some((built_from, placements)) if Arc::ptr_eq(built_from, &snapshot) => {
+                placements.clone()
+            }
+            _ => {
+                let built = Arc::new(placements(&snapshot));
+                *index = Some((snapshot, built.clone()));
+                built
+            }
         }
-        index.1.clone()
     }
 }
 
-fn placements(snapshot: &Snapshot) -> HashSet<(String, String, String)> {
+type Placements = HashSet<(String, String, String)>;
+
+fn placements(snapshot: &Snapshot) -> Placements {
     snapshot
         .list::<Pod>()
         .filter_map(|pod| {
@@ -164,8 +176,15 @@ fn placements(snapshot: &Snapshot) -> HashSet<(String, String, String)> {
             if matches!(phase, Some("Succeeded" | "Failed")) {
                 return None;
             }
-            let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| k8s::DEFAULT_NAMESPACE.into());
-            let account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+            let namespace = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| k8s::DEFAULT_NAMESPACE.into());
+            let account = spec
+                .service_account_name
+                .clone()
+                .unwrap_or_else(|| "default".into());
             Some((namespace, account, spec.node_name.clone()?))
         })
         .collect()
@@ -178,7 +197,11 @@ impl NodeLocality for SnapshotLocality {
         service_account: &'a str,
         node: &'a str,
     ) -> BoxFuture<'a, Result<bool, LocalityError>> {
-        let key = (namespace.to_string(), service_account.to_string(), node.to_string());
+        let key = (
+            namespace.to_string(),
+            service_account.to_string(),
+            node.to_string(),
+        );
         let found = self.placements().contains(&key);
         Box::pin(std::future::ready(Ok(found)))
     }

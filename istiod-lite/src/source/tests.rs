@@ -45,15 +45,24 @@ fn snapshot(yaml: &str) -> Snapshot {
 
 #[test]
 fn resource_set_packs_every_translated_resource_under_its_type() {
-    let translated = translate(&snapshot(&format!("{OBJECTS}---{POLICY}")), &TranslateConfig::default());
+    let translated = translate(
+        &snapshot(&format!("{OBJECTS}---{POLICY}")),
+        &TranslateConfig::default(),
+    );
     let set = resource_set(&translated);
     assert_eq!(set.len(ADDRESS_TYPE_URL), 2, "one workload and one service");
     assert_eq!(set.len(AUTHORIZATION_TYPE_URL), 1);
     let uid = "Kubernetes//Pod/demo/client";
-    let body = &set.resource(ADDRESS_TYPE_URL, uid).expect("workload by uid").body;
+    let body = &set
+        .resource(ADDRESS_TYPE_URL, uid)
+        .expect("workload by uid")
+        .body;
     let address: Address = unpack(body).expect("an Address");
     assert!(address.r#type.is_some());
-    let policy = &set.resource(AUTHORIZATION_TYPE_URL, "demo/allow-sleep").expect("policy").body;
+    let policy = &set
+        .resource(AUTHORIZATION_TYPE_URL, "demo/allow-sleep")
+        .expect("policy")
+        .body;
     let policy: Authorization = unpack(policy).expect("an Authorization");
     assert_eq!(policy.name, "allow-sleep");
 }
@@ -62,15 +71,48 @@ fn resource_set_packs_every_translated_resource_under_its_type() {
 async fn locality_follows_the_pods_in_the_snapshot() {
     let (tx, rx) = watch::channel(Arc::new(snapshot(OBJECTS)));
     let locality = SnapshotLocality::new(rx);
-    assert!(locality.has_workload_on_node("demo", "sleep", "n1").await.unwrap());
-    assert!(!locality.has_workload_on_node("demo", "sleep", "n2").await.unwrap(), "wrong node");
-    assert!(!locality.has_workload_on_node("demo", "other", "n1").await.unwrap(), "wrong account");
-    assert!(!locality.has_workload_on_node("prod", "sleep", "n1").await.unwrap(), "wrong namespace");
+    assert!(
+        locality
+            .has_workload_on_node("demo", "sleep", "n1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !locality
+            .has_workload_on_node("demo", "sleep", "n2")
+            .await
+            .unwrap(),
+        "wrong node"
+    );
+    assert!(
+        !locality
+            .has_workload_on_node("demo", "other", "n1")
+            .await
+            .unwrap(),
+        "wrong account"
+    );
+    assert!(
+        !locality
+            .has_workload_on_node("prod", "sleep", "n1")
+            .await
+            .unwrap(),
+        "wrong namespace"
+    );
     // The pod moves: the answer follows the new snapshot.
     let moved = OBJECTS.replace("nodeName: n1", "nodeName: n2");
     tx.send_replace(Arc::new(snapshot(&moved)));
-    assert!(!locality.has_workload_on_node("demo", "sleep", "n1").await.unwrap());
-    assert!(locality.has_workload_on_node("demo", "sleep", "n2").await.unwrap());
+    assert!(
+        !locality
+            .has_workload_on_node("demo", "sleep", "n1")
+            .await
+            .unwrap()
+    );
+    assert!(
+        locality
+            .has_workload_on_node("demo", "sleep", "n2")
+            .await
+            .unwrap()
+    );
 }
 
 #[tokio::test]
@@ -78,7 +120,12 @@ async fn terminated_pods_do_not_count_for_locality() {
     let done = OBJECTS.replace("phase: Running", "phase: Succeeded");
     let (_tx, rx) = watch::channel(Arc::new(snapshot(&done)));
     let locality = SnapshotLocality::new(rx);
-    assert!(!locality.has_workload_on_node("demo", "sleep", "n1").await.unwrap());
+    assert!(
+        !locality
+            .has_workload_on_node("demo", "sleep", "n1")
+            .await
+            .unwrap()
+    );
 }
 
 async fn next_set(rx: &mut watch::Receiver<Arc<ResourceSet>>) -> Arc<ResourceSet> {
@@ -94,13 +141,24 @@ async fn a_watched_directory_is_published_and_bad_files_keep_the_last_good_objec
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("app.yaml"), OBJECTS).unwrap();
     let config = SourceConfig {
-        kind: SourceKind::Dir { dir: dir.path().into(), poll: Duration::from_millis(20) },
+        kind: SourceKind::Dir {
+            dir: dir.path().into(),
+            poll: Duration::from_millis(20),
+        },
         root_namespace: "istio-system".into(),
     };
     let shutdown = CancellationToken::new();
-    let snapshots = start(&config, shutdown.clone()).await.unwrap().expect("a source");
+    let snapshots = start(&config, shutdown.clone())
+        .await
+        .unwrap()
+        .expect("a source");
     let (tx, mut rx) = watch::channel(Arc::new(ResourceSet::new()));
-    tokio::spawn(publish(snapshots, TranslateConfig::default(), tx, shutdown.clone()));
+    tokio::spawn(publish(
+        snapshots,
+        TranslateConfig::default(),
+        tx,
+        shutdown.clone(),
+    ));
     let first = next_set(&mut rx).await;
     assert_eq!(first.len(ADDRESS_TYPE_URL), 2);
     assert_eq!(first.len(AUTHORIZATION_TYPE_URL), 0);
@@ -113,16 +171,29 @@ async fn a_watched_directory_is_published_and_bad_files_keep_the_last_good_objec
     std::fs::write(dir.path().join("app.yaml"), "kind: Pod\n  : : not yaml [").unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let current = rx.borrow().clone();
-    assert_eq!(current.len(ADDRESS_TYPE_URL), 2, "last good objects still served");
+    assert_eq!(
+        current.len(ADDRESS_TYPE_URL),
+        2,
+        "last good objects still served"
+    );
     shutdown.cancel();
 }
 
 #[tokio::test]
 async fn a_missing_config_directory_is_a_clear_startup_error() {
     let config = SourceConfig {
-        kind: SourceKind::Dir { dir: "/nonexistent/zmesh-config".into(), poll: Duration::from_secs(1) },
+        kind: SourceKind::Dir {
+            dir: "/nonexistent/zmesh-config".into(),
+            poll: Duration::from_secs(1),
+        },
         root_namespace: "istio-system".into(),
     };
-    let err = start(&config, CancellationToken::new()).await.err().expect("an error");
-    assert!(format!("{err:#}").contains("/nonexistent/zmesh-config"), "{err:#}");
+    let err = start(&config, CancellationToken::new())
+        .await
+        .err()
+        .expect("an error");
+    assert!(
+        format!("{err:#}").contains("/nonexistent/zmesh-config"),
+        "{err:#}"
+    );
 }
