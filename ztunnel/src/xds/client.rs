@@ -202,36 +202,41 @@ impl XdsClient {
         let mut store = (*self.store.snapshot()).clone();
         let versions = self.versions.entry(ty).or_default();
         let rejected = apply::apply(&mut store, versions, ty, &response);
-        let changed =
-            rejected.len() < response.resources.len() || !response.removed_resources.is_empty();
-        if changed {
+        let applied = response.resources.len() - rejected.len();
+        if applied > 0 || !response.removed_resources.is_empty() {
             self.store.replace(store);
         }
-        let nack = (!rejected.is_empty()).then(|| apply::nack_message(&rejected));
         debug!(
             r#type = ty.label(),
             nonce = %response.nonce,
-            applied = response.resources.len() - rejected.len(),
+            applied,
             removed = response.removed_resources.len(),
             rejected = rejected.len(),
             "xds response applied"
         );
+        let nack = (!rejected.is_empty()).then(|| apply::nack_message(&rejected));
         if let Some(message) = &nack {
             warn!(r#type = ty.label(), nonce = %response.nonce, error = %message, "xds resources rejected; applied the rest");
             self.metrics.nacked(ty);
         }
-        let versions = versions.clone();
+        self.record(ty, &response, nack.clone());
+        reply(&response, nack)
+    }
+
+    /// Shows the outcome of a response in `/config_dump`.
+    fn record(&self, ty: XdsType, response: &DeltaDiscoveryResponse, nack: Option<String>) {
+        let versions = self.versions.get(&ty).cloned().unwrap_or_default();
         self.status.update_type(ty, |t| {
             t.received = true;
             t.last_nonce = Some(response.nonce.clone());
             t.last_acked = nack.is_none();
             if nack.is_some() {
-                t.last_nack_error = nack.clone();
+                // Kept after later ACKs: the last rejection is what an operator looks for.
+                t.last_nack_error = nack;
             }
             t.system_version = response.system_version_info.clone();
             t.versions = versions;
         });
-        reply(&response, nack)
     }
 }
 
