@@ -230,7 +230,9 @@ impl XdsClient {
             t.received = true;
             t.last_nonce = Some(response.nonce.clone());
             t.last_acked = nack.is_none();
-            if nack.is_some() {
+            if nack.is_none() {
+                t.last_acked_nonce = Some(response.nonce.clone());
+            } else {
                 // Kept after later ACKs: the last rejection is what an operator looks for.
                 t.last_nack_error = nack;
             }

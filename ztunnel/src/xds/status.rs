@@ -10,10 +10,12 @@ use super::apply::XdsType;
 pub struct TypeStatus {
     /// Whether at least one response of this type was applied since start.
     pub received: bool,
-    /// Nonce of the last response ACKed (or partially applied and NACKed).
+    /// Nonce of the last response handled (ACKed, or partially applied and NACKed).
     pub last_nonce: Option<String>,
     /// Whether that response was ACKed.
     pub last_acked: bool,
+    /// Nonce of the last response ACKed.
+    pub last_acked_nonce: Option<String>,
     /// The last NACK's error message.
     pub last_nack_error: Option<String>,
     /// `system_version_info` of the last response.

@@ -163,6 +163,7 @@ async fn subscribes_wildcard_and_is_ready_after_the_first_response_of_each_type(
     let address = &status.types[ADDRESS_TYPE_URL];
     assert_eq!(address.last_nonce.as_deref(), Some("n1"));
     assert!(address.last_acked && address.last_nack_error.is_none());
+    assert_eq!(address.last_acked_nonce.as_deref(), Some("n1"));
     assert_eq!(address.system_version, "sys-n1");
     assert_eq!(address.versions["a"], "v1");
 }
@@ -207,7 +208,7 @@ async fn bad_resources_are_nacked_by_name_while_the_rest_is_applied() {
     );
     let status = h.status.snapshot();
     let address = &status.types[ADDRESS_TYPE_URL];
-    assert!(!address.last_acked);
+    assert!(!address.last_acked && address.last_acked_nonce.is_none());
     assert!(
         address
             .last_nack_error
