@@ -1,7 +1,7 @@
 //! Composition root: builds every component from a [`Config`] in one straight line and returns
 //! the bound addresses and the shutdown handle.
 //!
-//! Two runtimes: the caller's (control: admin, CA and certificate rotation, ZDS, config reload;
+//! Two runtimes: the caller's (control: admin, CA and certificate rotation, ZDS, xDS or config reload;
 //! meant to be a current-thread runtime) and a multi-thread data-plane runtime created here, on
 //! which every pod proxy runs.
 
@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use mesh_core::ca_client::{AuthToken, CaClient, CaClientConfig};
 use mesh_core::cert_manager::{CertManagerConfig, CertificateManager};
+use metrics::Recorder;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
@@ -28,6 +29,7 @@ use crate::proxy::{ProxyInputs, ProxySettings};
 use crate::readiness::Readiness;
 use crate::state::local::LocalConfig;
 use crate::state::{SharedStore, Store};
+use crate::xds::{NodeIdentity, XdsClient, XdsClientConfig, XdsMetrics, XdsStatus};
 
 /// A running ztunnel.
 pub struct Bound {
@@ -133,31 +135,18 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     let data = DataPlane::new(config.runtime.worker_threads)?;
     let recorder = PrometheusBuilder::new().build_recorder();
     let prometheus = recorder.handle();
-    let metrics = Metrics::new(Arc::new(recorder));
+    let recorder: Arc<dyn Recorder + Send + Sync> = Arc::new(recorder);
+    let metrics = Metrics::new(recorder.clone());
     let readiness = Readiness::default();
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    let store = Arc::new(SharedStore::default());
-    if let Some(path) = &config.state.local_config {
-        load_local_config(&store, path)?;
-        if let Some(every) = config.state.poll_interval {
-            tasks.push(tokio::spawn(watch_local_config(
-                store.clone(),
-                path.clone(),
-                every,
-            )));
-        }
-    } else {
-        warn!(
-            "no {} given: no workloads are known, all traffic passes through",
-            config::LOCAL_CONFIG
-        );
-    }
-
     let ca = CaClient::new(ca_client_config(&config.ca)?).context("invalid ca settings")?;
     let manager = CertificateManager::new(Arc::new(ca), CertManagerConfig::default());
     let certs = Arc::new(CertSource::new(Arc::new(manager), Handle::current()));
+
+    let store = Arc::new(SharedStore::default());
+    let xds = start_config_source(&config, &store, &readiness, &recorder, &mut tasks)?;
 
     let inputs = Arc::new(ProxyInputs {
         store: store.clone(),
@@ -176,7 +165,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
     )));
     tasks.push(tokio::spawn(zds.run()));
 
-    let dump = config_dump(&config, &store, &proxies, &certs);
+    let dump = config_dump(&config, &store, &proxies, &certs, xds);
     let admin_state = AdminState {
         readiness: readiness.clone(),
         dump,
@@ -209,6 +198,72 @@ fn proxy_settings(config: &Config) -> ProxySettings {
     }
 }
 
+/// Loads the local file (and watches it) or starts the xDS client; returns the latter's status.
+fn start_config_source(
+    config: &Config,
+    store: &Arc<SharedStore>,
+    readiness: &Readiness,
+    recorder: &Arc<dyn Recorder + Send + Sync>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<XdsStatus>> {
+    if let Some(path) = &config.state.local_config {
+        load_local_config(store, path)?;
+        if let Some(every) = config.state.poll_interval {
+            let watch = watch_local_config(store.clone(), path.clone(), every);
+            tasks.push(tokio::spawn(watch));
+        }
+        return Ok(None);
+    }
+    let Some(xds) = &config.state.xds else {
+        warn!(
+            "neither {} nor {} given: no workloads are known, all traffic passes through",
+            config::LOCAL_CONFIG,
+            config::XDS_ADDRESS
+        );
+        return Ok(None);
+    };
+    let client = XdsClient::new(
+        xds_client_config(config, xds)?,
+        store.clone(),
+        readiness,
+        XdsMetrics::new(recorder.clone()),
+    )
+    .context("invalid xds settings")?;
+    let status = client.status();
+    tasks.push(tokio::spawn(client.run()));
+    Ok(Some(status))
+}
+
+fn xds_client_config(config: &Config, xds: &config::XdsConfig) -> anyhow::Result<XdsClientConfig> {
+    let root = std::fs::read_to_string(&xds.root_cert).with_context(|| {
+        format!(
+            "cannot read the xds root certificate {} ({} or {})",
+            xds.root_cert.display(),
+            config::XDS_ROOT,
+            config::CA_ROOT
+        )
+    })?;
+    let node = NodeIdentity {
+        pod_name: config.node.pod_name.clone(),
+        pod_namespace: config.node.pod_namespace.clone(),
+        instance_ip: config.node.instance_ip,
+        node_name: config.node.node_name.clone(),
+        cluster_id: config.node.cluster_id.clone(),
+    };
+    let mut c = XdsClientConfig::new(&xds.address, root, node);
+    c.tls_server_name = xds.server_name.clone();
+    c.token = auth_token(&config.ca.token);
+    Ok(c)
+}
+
+fn auth_token(token: &TokenSource) -> AuthToken {
+    match token {
+        TokenSource::None => AuthToken::None,
+        TokenSource::Literal(t) => AuthToken::Literal(t.clone()),
+        TokenSource::File(p) => AuthToken::File(p.clone()),
+    }
+}
+
 fn ca_client_config(ca: &config::CaConfig) -> anyhow::Result<CaClientConfig> {
     let root = std::fs::read_to_string(&ca.root_cert).with_context(|| {
         format!(
@@ -219,11 +274,7 @@ fn ca_client_config(ca: &config::CaConfig) -> anyhow::Result<CaClientConfig> {
     })?;
     let mut c = CaClientConfig::new(&ca.address, root);
     c.tls_server_name = ca.server_name.clone();
-    c.token = match &ca.token {
-        TokenSource::None => AuthToken::None,
-        TokenSource::Literal(t) => AuthToken::Literal(t.clone()),
-        TokenSource::File(p) => AuthToken::File(p.clone()),
-    };
+    c.token = auth_token(&ca.token);
     c.cert_ttl = ca.cert_ttl;
     // A node proxy asks for its pods' certificates on their behalf.
     c.impersonate = true;
@@ -277,6 +328,7 @@ fn config_dump(
     store: &Arc<SharedStore>,
     proxies: &Arc<ProxyManager>,
     certs: &Arc<CertSource>,
+    xds: Option<XdsStatus>,
 ) -> DumpFn {
     let (config, store, proxies, certs) = (
         config.clone(),
@@ -293,6 +345,8 @@ fn config_dump(
             "services": snapshot.services().iter().map(|s| &**s).collect::<Vec<_>>(),
             "pods": proxies.dump(),
             "certificates": certs.dump(),
+            "policies": snapshot.policies().iter().map(|p| &**p).collect::<Vec<_>>(),
+            "xds": xds.as_ref().map(XdsStatus::snapshot),
         })
     })
 }

@@ -5,7 +5,7 @@
 //! `ZTUNNEL_NODE_NAME`) over the process environment; tests pass a map. This module imports
 //! nothing from the runtime modules, so it cannot join an import cycle.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -15,6 +15,19 @@ use serde::Serialize;
 pub const LOCAL_CONFIG: &str = "ZTUNNEL_LOCAL_CONFIG";
 /// How often the local config file is checked for changes; `0` disables reloading.
 pub const LOCAL_CONFIG_POLL: &str = "ZTUNNEL_LOCAL_CONFIG_POLL";
+/// The control plane's delta ADS URL, `https://host:port`. Defaults to the CA address unless a
+/// local config is given; set it empty to run with no config source at all.
+pub const XDS_ADDRESS: &str = "ZTUNNEL_XDS_ADDRESS";
+/// PEM file of the root(s) the xDS server's certificate must chain to (default: the CA root).
+pub const XDS_ROOT: &str = "ZTUNNEL_XDS_ROOT";
+/// TLS name to verify on the xDS server instead of the URL host (default: the CA's).
+pub const XDS_HOSTNAME: &str = "ZTUNNEL_XDS_HOSTNAME";
+/// The ztunnel pod's name (Kubernetes downward API; part of the xDS node id).
+pub const POD_NAME: &str = "POD_NAME";
+/// The ztunnel pod's namespace (Kubernetes downward API; part of the xDS node id).
+pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// The ztunnel pod's IP (Kubernetes downward API; part of the xDS node id).
+pub const INSTANCE_IP: &str = "INSTANCE_IP";
 /// The Kubernetes node this ztunnel runs on.
 pub const NODE_NAME: &str = "ZTUNNEL_NODE_NAME";
 /// The network of this node's pods (empty = default network).
@@ -115,6 +128,12 @@ pub struct NodeConfig {
     pub network: String,
     /// Cluster id.
     pub cluster_id: String,
+    /// The ztunnel pod's name.
+    pub pod_name: String,
+    /// The ztunnel pod's namespace.
+    pub pod_namespace: String,
+    /// The ztunnel pod's IP.
+    pub instance_ip: Option<IpAddr>,
 }
 
 /// How the CA is reached.
@@ -146,6 +165,17 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// How the control plane's delta ADS is reached (the token is the CA's).
+#[derive(Debug, Clone, Serialize)]
+pub struct XdsConfig {
+    /// `https://host:port`.
+    pub address: String,
+    /// Root PEM file for the server's certificate.
+    pub root_cert: PathBuf,
+    /// TLS name to verify instead of the URL host.
+    pub server_name: Option<String>,
+}
+
 /// In-pod mode.
 #[derive(Debug, Clone, Serialize)]
 pub struct InpodConfig {
@@ -153,11 +183,13 @@ pub struct InpodConfig {
     pub zds_socket: PathBuf,
 }
 
-/// Workload and service sources.
+/// Workload and service sources: a local file or xDS, never both.
 #[derive(Debug, Clone, Serialize)]
 pub struct StateConfig {
     /// Local YAML file, if any.
     pub local_config: Option<PathBuf>,
+    /// The control plane, if any.
+    pub xds: Option<XdsConfig>,
     /// Reload check interval; `None` = never reload.
     #[serde(with = "opt_secs")]
     pub poll_interval: Option<Duration>,
@@ -218,19 +250,12 @@ impl Config {
     /// Parses and validates the configuration from `source`.
     pub fn from_source(source: &impl Source) -> Result<Self, ConfigError> {
         Ok(Self {
-            node: NodeConfig {
-                node_name: non_empty(source, NODE_NAME),
-                network: source.get(NETWORK).unwrap_or_default(),
-                cluster_id: get_or(source, CLUSTER_ID, DEFAULT_CLUSTER_ID),
-            },
+            node: node_config(source)?,
             ca: ca_config(source)?,
             inpod: InpodConfig {
                 zds_socket: path(source, ZDS_SOCKET, DEFAULT_ZDS_SOCKET)?,
             },
-            state: StateConfig {
-                local_config: non_empty(source, LOCAL_CONFIG).map(PathBuf::from),
-                poll_interval: poll_interval(source)?,
-            },
+            state: state_config(source)?,
             admin: AdminConfig {
                 addr: parse(source, ADMIN_ADDR, DEFAULT_ADMIN_ADDR, "expected ip:port")?,
             },
@@ -238,6 +263,66 @@ impl Config {
             log: log_config(source)?,
         })
     }
+}
+
+fn node_config(source: &impl Source) -> Result<NodeConfig, ConfigError> {
+    let instance_ip = match non_empty(source, INSTANCE_IP) {
+        None => None,
+        Some(v) => Some(
+            v.trim()
+                .parse()
+                .map_err(|_| invalid(INSTANCE_IP, &v, "expected an ip address"))?,
+        ),
+    };
+    Ok(NodeConfig {
+        node_name: non_empty(source, NODE_NAME),
+        network: source.get(NETWORK).unwrap_or_default(),
+        cluster_id: get_or(source, CLUSTER_ID, DEFAULT_CLUSTER_ID),
+        pod_name: source.get(POD_NAME).unwrap_or_default(),
+        pod_namespace: source.get(POD_NAMESPACE).unwrap_or_default(),
+        instance_ip,
+    })
+}
+
+fn state_config(source: &impl Source) -> Result<StateConfig, ConfigError> {
+    let local_config = non_empty(source, LOCAL_CONFIG).map(PathBuf::from);
+    let address = match (source.get(XDS_ADDRESS), &local_config) {
+        // Both sources would fight over the store: one replaces what the other applied.
+        (Some(a), Some(_)) if !a.trim().is_empty() => {
+            return Err(ConfigError::Inconsistent(format!(
+                "{LOCAL_CONFIG} and {XDS_ADDRESS} are both set; use the local file or xds, not both"
+            )));
+        }
+        (Some(a), _) => Some(a.trim().to_string()).filter(|a| !a.is_empty()),
+        (None, Some(_)) => None,
+        // Like upstream: istiod serves both the CA and xDS on one port.
+        (None, None) => Some(get_or(source, CA_ADDRESS, DEFAULT_CA_ADDRESS)),
+    };
+    let xds = match address {
+        None => None,
+        Some(address) => Some(xds_config(source, address)?),
+    };
+    Ok(StateConfig {
+        local_config,
+        xds,
+        poll_interval: poll_interval(source)?,
+    })
+}
+
+fn xds_config(source: &impl Source, address: String) -> Result<XdsConfig, ConfigError> {
+    if !address.starts_with("https://") {
+        return Err(invalid(
+            XDS_ADDRESS,
+            &address,
+            "the control plane is only reached over tls: use https://host:port",
+        ));
+    }
+    let ca_root = get_or(source, CA_ROOT, DEFAULT_CA_ROOT);
+    Ok(XdsConfig {
+        address,
+        root_cert: path(source, XDS_ROOT, &ca_root)?,
+        server_name: non_empty(source, XDS_HOSTNAME).or_else(|| non_empty(source, CA_HOSTNAME)),
+    })
 }
 
 fn ca_config(source: &impl Source) -> Result<CaConfig, ConfigError> {
@@ -379,6 +464,53 @@ mod tests {
         assert_eq!(c.node.cluster_id, "Kubernetes");
         assert_eq!(c.state.poll_interval, Some(Duration::from_secs(1)));
         assert!(c.state.local_config.is_none() && !c.log.json);
+        // With no local file, config comes from xDS at the CA's address with the CA's root.
+        let xds = c.state.xds.unwrap();
+        assert_eq!(xds.address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(xds.root_cert, c.ca.root_cert);
+        assert!(c.node.instance_ip.is_none() && c.node.pod_name.is_empty());
+    }
+
+    #[test]
+    fn xds_and_local_config_are_exclusive() {
+        let local = Config::from_source(&source(&[(LOCAL_CONFIG, "/zt.yaml")])).unwrap();
+        assert!(local.state.xds.is_none());
+        let both = Config::from_source(&source(&[
+            (LOCAL_CONFIG, "/zt.yaml"),
+            (XDS_ADDRESS, "https://istiod:15012"),
+        ]))
+        .unwrap_err();
+        assert!(
+            both.to_string()
+                .contains("ZTUNNEL_LOCAL_CONFIG and ZTUNNEL_XDS_ADDRESS are both set"),
+            "{both}"
+        );
+        let off = Config::from_source(&source(&[(XDS_ADDRESS, "")])).unwrap();
+        assert!(off.state.xds.is_none() && off.state.local_config.is_none());
+        let xds = Config::from_source(&source(&[
+            (XDS_ADDRESS, "https://10.0.0.1:15012"),
+            (CA_ROOT, "/ca.pem"),
+            (CA_HOSTNAME, "istiod.istio-system.svc"),
+            (POD_NAME, "ztunnel-x"),
+            (POD_NAMESPACE, "istio-system"),
+            (INSTANCE_IP, "10.0.0.7"),
+        ]))
+        .unwrap();
+        let x = xds.state.xds.unwrap();
+        assert_eq!(x.root_cert, PathBuf::from("/ca.pem"));
+        assert_eq!(x.server_name.as_deref(), Some("istiod.istio-system.svc"));
+        assert_eq!(xds.node.instance_ip, Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(
+            (xds.node.pod_name.as_str(), xds.node.pod_namespace.as_str()),
+            ("ztunnel-x", "istio-system")
+        );
+        let own =
+            Config::from_source(&source(&[(XDS_ROOT, "/xds.pem"), (XDS_HOSTNAME, "x")])).unwrap();
+        let x = own.state.xds.unwrap();
+        assert_eq!(
+            (x.root_cert, x.server_name),
+            (PathBuf::from("/xds.pem"), Some("x".into()))
+        );
     }
 
     #[test]
@@ -416,6 +548,12 @@ mod tests {
             (DRAIN_TIMEOUT, "0s", "must be positive"),
             (CA_ADDRESS, "http://ca:15012", "only reached over tls"),
             (LOG_FORMAT, "xml", "expected text or json"),
+            (
+                XDS_ADDRESS,
+                "http://istiod:15012",
+                "control plane is only reached over tls",
+            ),
+            (INSTANCE_IP, "10.0.0", "INSTANCE_IP: expected an ip address"),
             (CERT_TTL, "99999999999999999d", "too long"),
         ];
         for (key, value, want) in cases {

@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod readiness;
 pub mod state;
+pub mod xds;

@@ -20,6 +20,16 @@ struct Args {
     /// Reload check interval of the local config, 0 = never [ZTUNNEL_LOCAL_CONFIG_POLL, 1s].
     #[arg(long)]
     local_config_poll: Option<String>,
+    /// Control plane delta ADS URL; empty = none [ZTUNNEL_XDS_ADDRESS, default the CA address
+    /// unless --local-config is given].
+    #[arg(long)]
+    xds_address: Option<String>,
+    /// xDS server root certificate PEM file [ZTUNNEL_XDS_ROOT, default the CA root].
+    #[arg(long)]
+    xds_root: Option<String>,
+    /// TLS name to verify on the xDS server [ZTUNNEL_XDS_HOSTNAME, default the CA's].
+    #[arg(long)]
+    xds_hostname: Option<String>,
     /// Node name [ZTUNNEL_NODE_NAME].
     #[arg(long)]
     node_name: Option<String>,
@@ -73,6 +83,9 @@ impl Args {
         let pairs = [
             (config::LOCAL_CONFIG, self.local_config),
             (config::LOCAL_CONFIG_POLL, self.local_config_poll),
+            (config::XDS_ADDRESS, self.xds_address),
+            (config::XDS_ROOT, self.xds_root),
+            (config::XDS_HOSTNAME, self.xds_hostname),
             (config::NODE_NAME, self.node_name),
             (config::NETWORK, self.network),
             (config::ZDS_SOCKET, self.zds_socket),
@@ -123,7 +136,7 @@ fn main() -> anyhow::Result<()> {
     let flags = Args::parse().into_source();
     let config = Config::from_source(&Layered(flags, EnvSource))?;
     init_tracing(&config.log)?;
-    // Admin, CA, ZDS and config reload share one small thread; proxies get their own runtime.
+    // Admin, CA, ZDS, xDS and config reload share one small thread; proxies get their own runtime.
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -17,7 +17,7 @@ fn run(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn bad_flags_fail_with_a_clear_message() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["--worker-threads", "0"],
             "invalid value \"0\" for ZTUNNEL_WORKER_THREADS",
@@ -28,6 +28,19 @@ fn bad_flags_fail_with_a_clear_message() {
             "only reached over tls",
         ),
         (&["--no-such-flag"], "unexpected argument"),
+        (
+            &[
+                "--local-config",
+                "/zt.yaml",
+                "--xds-address",
+                "https://istiod:15012",
+            ],
+            "ZTUNNEL_LOCAL_CONFIG and ZTUNNEL_XDS_ADDRESS are both set",
+        ),
+        (
+            &["--xds-address", "http://istiod:15012"],
+            "control plane is only reached over tls",
+        ),
     ];
     for (args, want) in cases {
         let (ok, stderr) = run(args);

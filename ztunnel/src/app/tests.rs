@@ -161,3 +161,104 @@ async fn startup_errors_name_the_problem() {
         "{err:#}"
     );
 }
+
+/// ztunnel configured from xDS: not ready until both types answered, then `/config_dump` shows
+/// the pushed workloads and the connection state, and `/metrics` the NACK counter.
+#[tokio::test]
+async fn xds_config_source_readiness_dump_and_metrics() {
+    use crate::xds::testutil::{self, AdsServer, Pki};
+    use mesh_proto::any::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let mut ads = AdsServer::start(&pki, "127.0.0.1:0".parse().unwrap()).await;
+    std::fs::write(dir.path().join("xds-root.pem"), &pki.root_pem).unwrap();
+    let mut config = test_config(dir.path());
+    config.state.local_config = None;
+    config.state.xds = Some(config::XdsConfig {
+        address: format!("https://{}", ads.addr),
+        root_cert: dir.path().join("xds-root.pem"),
+        server_name: Some("localhost".into()),
+    });
+    let zds = ZdsListener::bind(&config.inpod.zds_socket).unwrap();
+    let bound = build(config).await.unwrap();
+    let admin = bound.admin_address();
+    empty_snapshot(&zds).await;
+
+    let mut conn = ads.conn().await;
+    conn.initial().await;
+    let (status, body) = get(admin, "GET", "/healthz/ready").await;
+    assert_eq!(status, 503);
+    assert!(
+        body.contains("xds address") && body.contains("xds authorization"),
+        "{body}"
+    );
+    let resources = vec![
+        testutil::workload("a", [10, 0, 0, 1], "v1"),
+        testutil::bad_workload("b", "v1"),
+    ];
+    let nack = conn.exchange(ADDRESS_TYPE_URL, "n1", resources, &[]).await;
+    assert!(nack.error_detail.is_some());
+    conn.exchange(AUTHORIZATION_TYPE_URL, "n2", vec![], &[])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(admin, "GET", "/healthz/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let dump: serde_json::Value =
+        serde_json::from_str(&get(admin, "GET", "/config_dump").await.1).unwrap();
+    assert_eq!(dump["workloads"][0]["uid"], "a");
+    let xds = &dump["xds"];
+    assert_eq!(xds["connected"], true, "{xds}");
+    assert_eq!(xds["types"][ADDRESS_TYPE_URL]["last_nonce"], "n1");
+    assert_eq!(xds["types"][ADDRESS_TYPE_URL]["versions"]["a"], "v1");
+    let nack_error = xds["types"][ADDRESS_TYPE_URL]["last_nack_error"]
+        .as_str()
+        .unwrap();
+    assert!(nack_error.contains("workload \"b\""), "{nack_error}");
+    assert_eq!(xds["types"][AUTHORIZATION_TYPE_URL]["last_acked"], true);
+
+    let metrics = get(admin, "GET", "/metrics").await.1;
+    assert!(
+        metrics.contains("ztunnel_xds_nacks_total{type=\"address\"} 1"),
+        "{metrics}"
+    );
+    // The control plane goes away: the termination is counted and the config stays.
+    drop(conn);
+    ads.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = get(admin, "GET", "/metrics").await.1;
+        if metrics.contains("ztunnel_xds_connection_terminations_total{reason=\"ConnectionError\"}")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_for_workloads(admin, 1).await;
+    bound.shutdown_handle().cancel();
+    tokio::time::timeout(Duration::from_secs(5), bound.wait_termination())
+        .await
+        .expect("shutdown within the deadline")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreadable_xds_root_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.state.local_config = None;
+    config.state.xds = Some(config::XdsConfig {
+        address: "https://127.0.0.1:1".into(),
+        root_cert: dir.path().join("missing.pem"),
+        server_name: None,
+    });
+    let err = build(config).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("cannot read the xds root certificate"),
+        "{err:#}"
+    );
+}
