@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::future::BoxFuture;
@@ -82,6 +82,11 @@ pub fn resource_set(translated: &Translated) -> ResourceSet {
     set
 }
 
+/// Shortest time between two translations: a burst of changes (a rollout, 50 pod updates a
+/// second) is coalesced into at most ten full translations a second, while a single change after
+/// a quiet period is translated at once.
+pub const MIN_TRANSLATE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Translates every snapshot `snapshots` yields and publishes the result on `resources` until
 /// `shutdown`. Translation runs off the async workers (10 000 pods take tens of milliseconds).
 pub async fn publish(
@@ -117,6 +122,12 @@ pub async fn publish(
         resources.send_replace(Arc::new(set));
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+        // Changes arriving meanwhile are coalesced: the loop reads only the newest snapshot.
+        let wait = MIN_TRANSLATE_INTERVAL.saturating_sub(start.elapsed());
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
     }
