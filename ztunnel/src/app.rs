@@ -164,6 +164,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         certs: certs.clone(),
         metrics,
         settings: proxy_settings(&config),
+        connections: Default::default(),
     });
     let proxies = Arc::new(ProxyManager::new(inputs, data.handle()));
     let zds = ZdsClient::new(
