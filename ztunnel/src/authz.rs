@@ -75,7 +75,8 @@ pub fn evaluate(
     conn: &Connection<'_>,
 ) -> Result<(), Denied> {
     // The common case, checked without allocating: nothing applies to this workload.
-    if workload.authorization_policies.is_empty() && policies.none_for_namespace(&workload.namespace)
+    if workload.authorization_policies.is_empty()
+        && policies.none_for_namespace(&workload.namespace)
     {
         return Ok(());
     }

@@ -347,8 +347,8 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         // A connection that failed before it was established is counted with its final labels
         // (including response_flags), so opened and closed always pair up.
-        let revoked = self.opened.is_some()
-            && matches!(self.error, Some((Some(ErrorKind::Denied), _)));
+        let revoked =
+            self.opened.is_some() && matches!(self.error, Some((Some(ErrorKind::Denied), _)));
         self.established();
         let labels = self.opened.take().unwrap_or_default();
         let m = &self.metrics;

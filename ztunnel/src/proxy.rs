@@ -278,7 +278,13 @@ impl PodContext {
         let inputs = &self.inputs;
         inputs
             .connections
-            .admit(&inputs.store, workload.clone(), src, src_identity.cloned(), dst)
+            .admit(
+                &inputs.store,
+                workload.clone(),
+                src,
+                src_identity.cloned(),
+                dst,
+            )
             .map_err(|denied| denied.to_string())
     }
 }
@@ -291,7 +297,10 @@ pub(crate) fn record_end(
 ) {
     record_copy(guard, result);
     if let Some(reason) = tracked.revoked() {
-        guard.fail(Some(ErrorKind::Denied), format!("closed by a policy update: {reason}"));
+        guard.fail(
+            Some(ErrorKind::Denied),
+            format!("closed by a policy update: {reason}"),
+        );
     }
 }
 

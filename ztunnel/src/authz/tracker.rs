@@ -130,7 +130,11 @@ impl ConnectionTracker {
             let version = store.version();
             let snapshot = store.snapshot();
             let entry = &handle.entry;
-            evaluate(snapshot.policy_store(), &entry.workload, &entry.connection())?;
+            evaluate(
+                snapshot.policy_store(),
+                &entry.workload,
+                &entry.connection(),
+            )?;
             // An update that landed during the check may not have seen this entry yet.
             if store.version() == version {
                 return Ok(handle);

@@ -8,7 +8,7 @@
 
 mod convert;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -133,9 +133,10 @@ impl Match {
 }
 
 /// How a string attribute is compared. An absent attribute (plaintext: no identity) matches
-/// nothing, not even `Presence`.
+/// nothing, not even `Presence`. Written `{exact: v}`, `{prefix: v}`, `{suffix: v}` or
+/// `presence` in the local config.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "RawStringMatch")]
 pub enum StringMatch {
     /// Equal to the value.
     Exact(String),
@@ -156,6 +157,37 @@ impl StringMatch {
             Self::Prefix(s) => v.starts_with(s.as_str()),
             Self::Suffix(s) => v.ends_with(s.as_str()),
             Self::Presence => !v.is_empty(),
+        }
+    }
+}
+
+// serde_yaml writes enums as YAML tags (`!exact v`); people write maps.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RawStringMatch {
+    Keyword(String),
+    Map(BTreeMap<String, String>),
+}
+
+impl TryFrom<RawStringMatch> for StringMatch {
+    type Error = String;
+
+    fn try_from(raw: RawStringMatch) -> Result<Self, String> {
+        let want = "want one of {exact: v}, {prefix: v}, {suffix: v}, presence";
+        let entry = match raw {
+            RawStringMatch::Keyword(k) if k == "presence" => return Ok(Self::Presence),
+            RawStringMatch::Keyword(k) => return Err(format!("string match {k:?}: {want}")),
+            RawStringMatch::Map(m) if m.len() == 1 => m.into_iter().next(),
+            RawStringMatch::Map(m) => {
+                return Err(format!("string match with {} keys: {want}", m.len()));
+            }
+        };
+        match entry {
+            Some((k, v)) if k == "exact" => Ok(Self::Exact(v)),
+            Some((k, v)) if k == "prefix" => Ok(Self::Prefix(v)),
+            Some((k, v)) if k == "suffix" => Ok(Self::Suffix(v)),
+            Some((k, _)) => Err(format!("string match kind {k:?}: {want}")),
+            None => Err(want.to_string()),
         }
     }
 }

@@ -45,7 +45,12 @@ pub(super) fn policy(p: &pb::Authorization) -> Result<Policy, PolicyError> {
     let action = match pb::Action::try_from(p.action) {
         Ok(pb::Action::Allow) => Action::Allow,
         Ok(pb::Action::Deny) => Action::Deny,
-        Err(_) => return Err(err(("action".into(), format!("unknown value {}", p.action)))),
+        Err(_) => {
+            return Err(err((
+                "action".into(),
+                format!("unknown value {}", p.action),
+            )));
+        }
     };
     let rules = p
         .rules
@@ -168,7 +173,12 @@ fn address(a: &pb::Address) -> Result<IpNet, String> {
     u8::try_from(a.length)
         .ok()
         .and_then(|len| IpNet::new(ip, len).ok())
-        .ok_or_else(|| format!("prefix length {} is out of range for {ip} (max {max})", a.length))
+        .ok_or_else(|| {
+            format!(
+                "prefix length {} is out of range for {ip} (max {max})",
+                a.length
+            )
+        })
 }
 
 fn ports(v: &[u32], at: &str) -> FieldResult<Vec<u16>> {
@@ -176,7 +186,10 @@ fn ports(v: &[u32], at: &str) -> FieldResult<Vec<u16>> {
         .enumerate()
         .map(|(i, &p)| match u16::try_from(p) {
             Ok(port) if port != 0 => Ok(port),
-            _ => invalid(format!("{at}[{i}]"), format!("port {p} is not in 1..=65535")),
+            _ => invalid(
+                format!("{at}[{i}]"),
+                format!("port {p} is not in 1..=65535"),
+            ),
         })
         .collect()
 }
