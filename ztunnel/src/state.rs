@@ -33,6 +33,7 @@ impl Store {
             .into_iter()
             .for_each(|svc| s.insert_service(svc));
         cfg.workloads.into_iter().for_each(|w| s.insert_workload(w));
+        cfg.policies.into_iter().for_each(|p| s.insert_policy(p));
         s
     }
 
