@@ -448,3 +448,6 @@ async fn serve<F, Fut>(
         conns.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests;
