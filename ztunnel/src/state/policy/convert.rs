@@ -173,12 +173,25 @@ fn address(a: &pb::Address) -> Result<IpNet, String> {
     u8::try_from(a.length)
         .ok()
         .and_then(|len| IpNet::new(ip, len).ok())
+        .map(canonical)
         .ok_or_else(|| {
             format!(
                 "prefix length {} is out of range for {ip} (max {max})",
                 a.length
             )
         })
+}
+
+/// Connections are matched on canonical addresses (an IPv4-mapped IPv6 peer is IPv4), so a
+/// prefix inside `::ffff:0:0/96` is turned into the IPv4 prefix it covers.
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => IpNet::new(v4.into(), v6.prefix_len() - 96).unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 fn ports(v: &[u32], at: &str) -> FieldResult<Vec<u16>> {
@@ -197,10 +210,10 @@ fn ports(v: &[u32], at: &str) -> FieldResult<Vec<u16>> {
 /// Parses `10.0.0.0/8`, or a bare IP as a host prefix.
 pub(super) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net);
+        return Ok(canonical(net));
     }
     s.parse::<IpAddr>()
-        .map(IpNet::from)
+        .map(|ip| canonical(IpNet::from(ip)))
         .map_err(|_| format!("{s:?} is not an IP address or CIDR prefix"))
 }
 

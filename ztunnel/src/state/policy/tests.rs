@@ -81,6 +81,27 @@ fn converts_every_field() {
 }
 
 #[test]
+fn ipv4_mapped_prefixes_become_ipv4() {
+    let mut mapped = [0u8; 16];
+    mapped[10..].copy_from_slice(&[0xff, 0xff, 10, 1, 0, 0]);
+    let m = pb::Match {
+        source_ips: vec![addr(&mapped, 112), addr(&mapped, 64)],
+        ..Default::default()
+    };
+    let p = Policy::from_proto(&wire(m)).unwrap();
+    let ips = &p.rules[0].clauses[0].matches[0].source_ips;
+    assert_eq!(ips[0], "10.1.0.0/16".parse::<IpNet>().unwrap());
+    // Shorter than /96 it also covers non-mapped addresses: kept as IPv6.
+    assert!(matches!(ips[1], IpNet::V6(_)));
+    let yaml: Vec<String> = vec!["::ffff:10.0.0.1".into()];
+    let parsed: Vec<IpNet> = yaml
+        .iter()
+        .map(|s| convert::parse_cidr(s).unwrap())
+        .collect();
+    assert_eq!(parsed, ["10.0.0.1/32".parse::<IpNet>().unwrap()]);
+}
+
+#[test]
 fn scopes_and_actions_map_and_empty_rules_are_kept() {
     for (scope, want) in [
         (pb::Scope::Global, Scope::Global),
