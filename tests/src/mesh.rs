@@ -430,7 +430,8 @@ impl Ztunnel {
         let out = File::create(&log)?;
         let mut cmd = Command::new(ztunnel_binary()?);
         cmd.arg("--local-config").arg(workloads);
-        cmd.args(["--local-config-poll", "0", "--node-name", node.name()]);
+        // Polled so a test can change the config (e.g. add policies) while the mesh runs.
+        cmd.args(["--local-config-poll", "200ms", "--node-name", node.name()]);
         cmd.arg("--zds-socket").arg(zds);
         cmd.args(["--ca-address", &format!("https://{CA_IP}:{CA_PORT}")]);
         cmd.arg("--ca-root").arg(root_cert(dir));

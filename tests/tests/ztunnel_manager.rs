@@ -66,6 +66,7 @@ fn manager_with(
             drain_timeout: DRAIN,
             ..ProxySettings::default()
         },
+        connections: Default::default(),
     };
     (
         ProxyManager::new(Arc::new(inputs), Handle::current()),

@@ -153,6 +153,7 @@ pub async fn build(config: Config) -> anyhow::Result<Bound> {
         certs: certs.clone(),
         metrics,
         settings: proxy_settings(&config),
+        connections: Default::default(),
     });
     let proxies = Arc::new(ProxyManager::new(inputs, data.handle()));
     let zds = ZdsClient::new(
@@ -343,6 +344,7 @@ fn config_dump(
             "config": config,
             "workloads": snapshot.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
             "services": snapshot.services().iter().map(|s| &**s).collect::<Vec<_>>(),
+            "policies": snapshot.policies().iter().map(|p| &**p).collect::<Vec<_>>(),
             "pods": proxies.dump(),
             "certificates": certs.dump(),
             "policies": snapshot.policies().iter().map(|p| &**p).collect::<Vec<_>>(),

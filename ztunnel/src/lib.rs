@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod certs;
 pub mod config;
 pub mod inpod;

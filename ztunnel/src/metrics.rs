@@ -25,6 +25,11 @@ pub const TCP_SENT_BYTES: &str = "istio_tcp_sent_bytes_total";
 /// Bytes received from the client by the server (the request direction).
 pub const TCP_RECEIVED_BYTES: &str = "istio_tcp_received_bytes_total";
 
+/// Established connections closed because a policy update denies them (ztunnel-specific; the
+/// `istio_tcp_*` close of such a connection keeps the labels it was opened with, so opened and
+/// closed pair up, while this counter carries `response_flags="DENY"`).
+pub const TCP_CONNECTIONS_REVOKED: &str = "ztunnel_tcp_connections_revoked_total";
+
 /// Pod proxies running now (in-pod mode; upstream's name).
 pub const ACTIVE_PROXIES: &str = "workload_manager_active_proxy_count";
 /// Pod proxies started.
@@ -130,6 +135,11 @@ pub fn describe(recorder: &dyn Recorder) {
         TCP_RECEIVED_BYTES,
         Unit::Bytes,
         "Bytes received by the server from the client",
+    );
+    d(
+        TCP_CONNECTIONS_REVOKED,
+        Unit::Count,
+        "Established connections closed because a policy update denies them",
     );
 }
 
@@ -278,12 +288,17 @@ impl ConnectionGuard {
         self.error = Some((kind, error.to_string()));
     }
 
-    fn labels(&self) -> Vec<Label> {
-        let v = |o: &Option<String>| o.clone().unwrap_or_else(|| UNKNOWN.to_string());
-        let flags = match &self.error {
+    /// The `response_flags` value: the failure kind, or `-`.
+    fn response_flags(&self) -> &'static str {
+        match &self.error {
             Some((Some(kind), _)) => kind.as_str(),
             _ => "-",
-        };
+        }
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        let v = |o: &Option<String>| o.clone().unwrap_or_else(|| UNKNOWN.to_string());
+        let flags = self.response_flags();
         vec![
             Label::new("reporter", self.reporter.as_str()),
             Label::new("source_workload", v(&self.source.workload)),
@@ -320,6 +335,8 @@ impl ConnectionGuard {
             bytes_sent = self.sent,
             bytes_recv = self.received,
             duration = ?self.start.elapsed(),
+            connection_security_policy = self.security.as_str(),
+            response_flags = self.response_flags(),
             error = error,
             "connection complete"
         );
@@ -330,6 +347,8 @@ impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         // A connection that failed before it was established is counted with its final labels
         // (including response_flags), so opened and closed always pair up.
+        let revoked =
+            self.opened.is_some() && matches!(self.error, Some((Some(ErrorKind::Denied), _)));
         self.established();
         let labels = self.opened.take().unwrap_or_default();
         let m = &self.metrics;
@@ -337,6 +356,10 @@ impl Drop for ConnectionGuard {
         m.counter(TCP_RECEIVED_BYTES, &labels)
             .increment(self.received);
         m.counter(TCP_SENT_BYTES, &labels).increment(self.sent);
+        if revoked {
+            m.counter(TCP_CONNECTIONS_REVOKED, &self.labels())
+                .increment(1);
+        }
         self.access_log();
     }
 }

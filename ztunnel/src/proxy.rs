@@ -30,6 +30,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
+use crate::authz::{ConnectionTracker, TrackedConnection};
 use crate::certs::{CertError, CertSource};
 use crate::metrics::{ConnectionGuard, Metrics};
 use crate::state::model::Workload;
@@ -157,6 +158,8 @@ pub struct ProxyInputs {
     pub metrics: Metrics,
     /// Shared settings.
     pub settings: ProxySettings,
+    /// Live inbound connections, re-authorized on every config update.
+    pub connections: ConnectionTracker,
 }
 
 /// The pod as the node agent described it.
@@ -238,8 +241,7 @@ impl PodContext {
     }
 }
 
-/// What L4 authorization decides on. Issue #4 evaluates policies here; until then every
-/// connection is allowed.
+/// What L4 authorization decides on.
 #[derive(Debug)]
 pub struct AuthzRequest<'a> {
     /// The client address.
@@ -252,10 +254,54 @@ pub struct AuthzRequest<'a> {
     pub dst_workload: &'a Workload,
 }
 
-/// The L4 authorization hook point: `Err(reason)` denies. No policy engine exists yet (issue #4),
-/// so this allows everything.
-pub fn authorize(_store: &Store, _request: &AuthzRequest<'_>) -> Result<(), String> {
-    Ok(())
+/// L4 authorization of one inbound connection against `store`'s policies: `Err(reason)` denies.
+pub fn authorize(store: &Store, request: &AuthzRequest<'_>) -> Result<(), String> {
+    let conn = crate::authz::Connection {
+        src_ip: request.src.ip(),
+        src_identity: request.src_identity,
+        dst: request.dst,
+    };
+    crate::authz::evaluate(store.policy_store(), request.dst_workload, &conn)
+        .map_err(|denied| denied.to_string())
+}
+
+impl PodContext {
+    /// Authorizes an inbound connection to this pod's `workload` and tracks it, so a later
+    /// policy update that denies it closes it. `Err(reason)` denies.
+    pub fn admit(
+        &self,
+        workload: &Arc<Workload>,
+        src: SocketAddr,
+        src_identity: Option<&Identity>,
+        dst: SocketAddr,
+    ) -> Result<TrackedConnection, String> {
+        let inputs = &self.inputs;
+        inputs
+            .connections
+            .admit(
+                &inputs.store,
+                workload.clone(),
+                src,
+                src_identity.cloned(),
+                dst,
+            )
+            .map_err(|denied| denied.to_string())
+    }
+}
+
+/// Records how a tracked connection ended: a revocation by a policy update is a `DENY`.
+pub(crate) fn record_end(
+    guard: &mut ConnectionGuard,
+    tracked: &TrackedConnection,
+    result: &Result<Transferred, CopyError>,
+) {
+    record_copy(guard, result);
+    if let Some(reason) = tracked.revoked() {
+        guard.fail(
+            Some(ErrorKind::Denied),
+            format!("closed by a policy update: {reason}"),
+        );
+    }
 }
 
 /// Records a finished copy on a connection's guard (`a` is always the client side).
@@ -402,3 +448,6 @@ async fn serve<F, Fut>(
         conns.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,7 +22,7 @@ pub struct Store {
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<NetworkAddress, String>,
     endpoints: HashMap<String, BTreeSet<String>>,
-    policies: HashMap<String, policy::PolicyRef>,
+    policies: policy::PolicyStore,
 }
 
 impl Store {
@@ -33,6 +33,7 @@ impl Store {
             .into_iter()
             .for_each(|svc| s.insert_service(svc));
         cfg.workloads.into_iter().for_each(|w| s.insert_workload(w));
+        cfg.policies.into_iter().for_each(|p| s.insert_policy(p));
         s
     }
 
@@ -168,7 +169,7 @@ impl Store {
 
     /// Adds or replaces an authorization policy (keyed by `namespace/name`).
     pub fn insert_policy(&mut self, p: policy::Policy) {
-        self.policies.insert(p.key(), Arc::new(p));
+        self.policies.insert(p);
     }
 
     /// Removes a policy; returns it if it was present.
@@ -183,9 +184,12 @@ impl Store {
 
     /// Every policy, in key order.
     pub fn policies(&self) -> Vec<policy::PolicyRef> {
-        let mut v: Vec<_> = self.policies.values().cloned().collect();
-        v.sort_by_key(|p| p.key());
-        v
+        self.policies.all()
+    }
+
+    /// The policies with their scope indexes (what the authorization evaluator reads).
+    pub fn policy_store(&self) -> &policy::PolicyStore {
+        &self.policies
     }
 
     /// Number of workloads and services held.

@@ -131,3 +131,55 @@ fn a_failed_connection_still_counts_with_its_response_flag() {
         );
     }
 }
+
+#[test]
+fn denials_carry_deny_and_revocations_are_counted_apart() {
+    let (metrics, snap) = setup();
+    let src = "10.0.0.1:4000".parse().unwrap();
+    {
+        // Refused at connect time (plaintext under STRICT).
+        let mut guard = metrics.connection(Reporter::Destination, "inbound_plaintext", src);
+        guard.fail(Some(ErrorKind::Denied), "denied by policy b/strict");
+    }
+    {
+        // Admitted over mTLS, then closed by a policy update.
+        let mut guard = metrics.connection(Reporter::Destination, "inbound", src);
+        guard.security(SecurityPolicy::MutualTls).established();
+        guard.bytes(5, 7);
+        guard.fail(Some(ErrorKind::Denied), "closed by a policy update");
+    }
+    let all = counters(&snap);
+    let find = |name: &str, label: &str| {
+        all.iter()
+            .find(|(n, l, _)| n == name && l.contains(&label.to_string()))
+            .map(|(_, l, v)| (l.clone(), *v))
+    };
+    let (labels, n) = find(TCP_CONNECTIONS_CLOSED, "connection_security_policy=unknown").unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        labels.contains(&"response_flags=DENY".to_string()),
+        "{labels:?}"
+    );
+    // The revoked connection closes with the labels it opened with...
+    let (labels, n) = find(
+        TCP_CONNECTIONS_CLOSED,
+        "connection_security_policy=mutual_tls",
+    )
+    .unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        labels.contains(&"response_flags=-".to_string()),
+        "{labels:?}"
+    );
+    // ...and is counted once as revoked, with DENY.
+    let (labels, n) = find(TCP_CONNECTIONS_REVOKED, "response_flags=DENY").unwrap();
+    assert_eq!(n, 1);
+    assert!(labels.contains(&"connection_security_policy=mutual_tls".to_string()));
+    assert_eq!(
+        all.iter()
+            .filter(|(n, _, _)| n == TCP_CONNECTIONS_REVOKED)
+            .count(),
+        1,
+        "a connection denied before it was established is not a revocation"
+    );
+}

@@ -13,7 +13,8 @@ use mesh_core::hbone::server::{
 use mesh_core::tls::WorkloadTls;
 use tokio::net::TcpStream;
 
-use super::{AuthzRequest, ILLEGAL_PORTS, PodContext, authorize, record_copy};
+use super::{ILLEGAL_PORTS, PodContext, record_end};
+use crate::authz::{Revocable, TrackedConnection};
 use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
 use crate::state::Store;
 
@@ -59,7 +60,7 @@ impl InboundHandler {
         &self,
         req: &InboundRequest,
         guard: &mut ConnectionGuard,
-    ) -> Result<TcpStream, Rejection> {
+    ) -> Result<(Revocable<TcpStream>, TrackedConnection), Rejection> {
         let target = check_target(req)?;
         guard.addresses(target, Some(req.local_addr));
         let workload = self
@@ -68,18 +69,21 @@ impl InboundHandler {
             .await
             .map_err(|e| Rejection::unavailable(e.to_string()))?;
         guard.destination(Peer::from_workload(&workload));
-        let authz = AuthzRequest {
-            src: req.peer_addr,
-            src_identity: Some(&req.peer_identity),
-            dst: target,
-            dst_workload: &workload,
-        };
-        authorize(&self.ctx.store(), &authz).map_err(Rejection::denied)?;
+        let tracked = self
+            .ctx
+            .admit(&workload, req.peer_addr, Some(&req.peer_identity), target)
+            .map_err(Rejection::denied)?;
         let client_ip = req.peer_addr.ip().to_canonical();
-        self.ctx
+        let upstream = self
+            .ctx
             .connect(target, Some(client_ip))
             .await
-            .map_err(|e| Rejection::unavailable(format!("cannot reach the app: {e}")))
+            .map_err(|e| Rejection::unavailable(format!("cannot reach the app: {e}")))?;
+        // Revoked before the upstream was up: refuse now rather than open and cut at once.
+        if let Some(reason) = tracked.revoked() {
+            return Err(Rejection::denied(reason.to_string()));
+        }
+        Ok((tracked.wrap(upstream), tracked))
     }
 }
 
@@ -96,11 +100,11 @@ impl ConnectHandler for InboundHandler {
             ))
             .service(forwarded_host(&req));
         match self.upstream(&req, &mut guard).await {
-            Ok(upstream) => {
+            Ok((upstream, tracked)) => {
                 guard.established();
                 Ok(Accepted::new(upstream).on_close(move |result| {
                     // `a` is the tunnel (client side), `b` the app.
-                    record_copy(&mut guard, result);
+                    record_end(&mut guard, &tracked, result);
                 }))
             }
             Err(rejection) => {

@@ -5,10 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_core::copy::{Plain, copy_bidirectional};
+use mesh_core::hbone::ErrorKind;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug};
 
-use super::{AuthzRequest, Error, ILLEGAL_PORTS, PodContext, authorize, record_copy};
+use super::{Error, ILLEGAL_PORTS, PodContext, record_end};
 use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
 use crate::state::Store;
 
@@ -48,23 +49,25 @@ async fn proxy(
     ));
     let workload = ctx.workload().await?;
     guard.destination(Peer::from_workload(&workload));
-    let authz = AuthzRequest {
-        src: peer,
-        src_identity: None,
-        dst,
-        dst_workload: &workload,
+    // No identity: a STRICT PeerAuthentication (a DENY `not_principals: presence` policy)
+    // refuses every plaintext connection here.
+    let tracked = match ctx.admit(&workload, peer, None, dst) {
+        Ok(tracked) => tracked,
+        Err(reason) => {
+            debug!(%peer, %dst, %reason, "inbound plaintext connection denied");
+            // Dropping the stream closes the connection; the guard records the DENY.
+            guard.fail(Some(ErrorKind::Denied), &reason);
+            return Ok(());
+        }
     };
-    if let Err(reason) = authorize(&store, &authz) {
-        guard.fail(Some(mesh_core::hbone::ErrorKind::Denied), &reason);
-        return Ok(());
-    }
     let upstream = ctx
         .connect(dst, Some(client_ip))
         .await
         .map_err(Error::Connect)?;
     guard.established();
+    let upstream = tracked.wrap(upstream);
     let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
-    record_copy(guard, &result);
+    record_end(guard, &tracked, &result);
     Ok(())
 }
 

@@ -18,6 +18,14 @@
 //!   hostname: echo.default.svc.cluster.local
 //!   vips: [/10.96.0.10]             # <network>/<ip>
 //!   ports: {80: 8080}
+//! policies:                         # L4 authorization (see `state::policy`)
+//! - name: allow-client
+//!   namespace: default
+//!   scope: Namespace                # Global | Namespace | WorkloadSelector
+//!   action: Allow                   # Allow | Deny
+//!   rules:                          # rules (OR) > clauses (AND) > matches (OR)
+//!   - - - principals: [{exact: cluster.local/ns/default/sa/client}]
+//!         notDestinationPorts: [22]
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -28,6 +36,7 @@ use mesh_core::Identity;
 use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 
 use super::model::{HealthStatus, NetworkAddress, PortMap, Service, TunnelProtocol, Workload};
+use super::policy::Policy;
 
 /// Why the local config was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +69,8 @@ pub struct LocalConfig {
     pub workloads: Vec<Workload>,
     /// Services, in file order.
     pub services: Vec<Service>,
+    /// Authorization policies, in file order.
+    pub policies: Vec<Policy>,
 }
 
 #[derive(serde::Deserialize)]
@@ -69,6 +80,8 @@ struct RawConfig {
     workloads: Vec<RawWorkload>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    policies: Vec<Policy>,
 }
 
 #[derive(serde::Deserialize)]
@@ -143,9 +156,11 @@ impl LocalConfig {
             .enumerate()
             .map(|(i, w)| convert_workload(w, &format!("workloads[{i}]")))
             .collect::<Result<Vec<_>, _>>()?;
+        check_policies(&raw.policies)?;
         let cfg = LocalConfig {
             workloads,
             services,
+            policies: raw.policies,
         };
         cfg.check_references()?;
         Ok(cfg)
@@ -190,6 +205,19 @@ impl LocalConfig {
         }
         Ok(())
     }
+}
+
+fn check_policies(policies: &[Policy]) -> Result<(), LocalConfigError> {
+    let mut keys = HashSet::new();
+    for (i, p) in policies.iter().enumerate() {
+        p.validate()
+            .map_err(|e| invalid(format!("policies[{i}].{}", e.field), e.reason))?;
+        if !keys.insert(p.key()) {
+            let reason = format!("duplicate policy {:?}", p.key());
+            return Err(invalid(format!("policies[{i}]"), reason));
+        }
+    }
+    Ok(())
 }
 
 fn invalid(at: String, reason: String) -> LocalConfigError {
@@ -423,5 +451,55 @@ services:
             err.to_string()
                 .contains("cannot read local config /nonexistent/zmesh.yaml")
         );
+    }
+
+    #[test]
+    fn policies_are_parsed_validated_and_stored() {
+        let yaml = r#"
+workloads:
+- {uid: s, name: s, namespace: b, workloadIps: [10.0.0.2], protocol: HBONE,
+   authorizationPolicies: [b/strict]}
+policies:
+- name: strict
+  namespace: b
+  scope: WorkloadSelector
+  action: Deny
+  rules: [[[{notPrincipals: [presence]}]]]
+- {name: allow, namespace: b, scope: Namespace, action: Allow, dryRun: true}
+"#;
+        let cfg = LocalConfig::parse(yaml).unwrap();
+        assert_eq!(cfg.policies.len(), 2);
+        assert!(cfg.policies[1].dry_run && cfg.policies[1].rules.is_empty());
+        let store = crate::state::Store::from_local(cfg);
+        assert_eq!(store.policy("b/strict").unwrap().name, "strict");
+        assert_eq!(store.policy_store().namespace_keys("b").count(), 1);
+
+        let cases = [
+            (
+                yaml.replace("name: strict", "name: allow"),
+                "policies[1]: duplicate policy \"b/allow\"",
+            ),
+            (
+                yaml.replace("name: strict", "name: \"\""),
+                "policies[0].name: must not be empty",
+            ),
+            (yaml.replace("presence", "[22]"), "policies[0].rules"),
+            (
+                yaml.replace("action: Deny", "action: Audit"),
+                "unknown variant `Audit`",
+            ),
+            (
+                yaml.replace("notPrincipals", "notPrincipal"),
+                "unknown field `notPrincipal`",
+            ),
+            (
+                yaml.replace("{notPrincipals: [presence]}", "{destinationPorts: [0]}"),
+                "policies[0].rules[0].clauses[0].matches[0].destination_ports[0]: port 0",
+            ),
+        ];
+        for (bad, want) in cases {
+            let err = LocalConfig::parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?} in {err}");
+        }
     }
 }

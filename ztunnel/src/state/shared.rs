@@ -50,6 +50,11 @@ impl SharedStore {
         *self.version.borrow()
     }
 
+    /// A receiver that is notified after every update (its value is the version).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
     /// Returns `find(store)` as soon as it yields something, re-checking after every update, for
     /// at most `timeout`.
     pub async fn wait_for<T>(
