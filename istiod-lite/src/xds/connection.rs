@@ -57,15 +57,24 @@ impl Connection {
             out,
         };
         conn.on_request(first)?;
+        conn.run(requests, feed, shutdown).await
+    }
+
+    async fn run(
+        &mut self,
+        requests: &mut Streaming<DeltaDiscoveryRequest>,
+        mut feed: watch::Receiver<Arc<Published>>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, Status> {
         let mut feed_open = true;
         loop {
-            let deadline = conn.ack_deadline();
+            let deadline = self.ack_deadline();
             tokio::select! {
                 () = shutdown.cancelled() => {
                     return Err(Status::unavailable("istiod-lite is shutting down; reconnect"));
                 }
                 message = requests.message() => match message {
-                    Ok(Some(request)) => conn.on_request(request)?,
+                    Ok(Some(request)) => self.on_request(request)?,
                     Ok(None) => return Ok(End::ProxyClosed),
                     Err(status) => {
                         tracing::debug!(%status, "request stream failed");
@@ -75,12 +84,12 @@ impl Connection {
                 changed = feed.changed(), if feed_open => match changed {
                     Ok(()) => {
                         let published = feed.borrow_and_update().clone();
-                        conn.on_published(published)?;
+                        self.on_published(published)?;
                     }
                     // The debouncer stopped (shutdown): keep serving what we have.
                     Err(_) => feed_open = false,
                 },
-                () = sleep_until(deadline), if deadline.is_some() => return Err(conn.ack_timed_out()),
+                () = sleep_until(deadline), if deadline.is_some() => return Err(self.ack_timed_out()),
             }
         }
     }
