@@ -28,6 +28,7 @@ use crate::serving_cert::{self, ServingCertResolver, ServingCertSpec};
 const TOKENS: &str = r#"
 tokens:
   "ztunnel-node-a-0123456789": { identity: "spiffe://cluster.local/ns/istio-system/sa/ztunnel", node: node-a }
+  "cart-token-0123456789": { identity: "spiffe://cluster.local/ns/shop/sa/cart", node: node-a }
 "#;
 const TOKEN: &str = "ztunnel-node-a-0123456789";
 const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-a.istio-system~istio-system.svc.cluster.local";
@@ -473,6 +474,18 @@ async fn unauthenticated_streams_are_refused() {
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
         assert_eq!(status.message(), "request authentication failed");
     }
+    assert_eq!(h.connected(), 0.0);
+}
+
+#[tokio::test]
+async fn a_token_from_another_namespace_cannot_pose_as_the_proxy() {
+    let h = harness(fast()).await;
+    let mut proxy = h.try_connect(Some("cart-token-0123456789")).await.unwrap();
+    proxy.send(subscribe(ADDRESS_TYPE_URL, true)).await;
+    let status = proxy.recv_status().await;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let want = "spiffe://cluster.local/ns/shop/sa/cart may not connect as proxy";
+    assert!(status.message().contains(want), "{status:?}");
     assert_eq!(h.connected(), 0.0);
 }
 
