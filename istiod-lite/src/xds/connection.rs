@@ -15,6 +15,8 @@ use super::debounce::Published;
 use super::node::NodeInfo;
 use super::subscription::{Subscription, Update};
 use super::{KNOWN_TYPE_URLS, MAX_TYPES_PER_STREAM, Shared};
+
+const MAX_TYPE_URL_LEN: usize = 256;
 use crate::metrics::XdsType;
 
 /// Where responses (and the final status) go.
@@ -98,6 +100,13 @@ impl Connection {
         let type_url = request.type_url.clone();
         if type_url.is_empty() {
             return Err(Status::invalid_argument("request has an empty type_url"));
+        }
+        // Type URLs end up in logs and as map keys; real ones are under 100 bytes.
+        if type_url.len() > MAX_TYPE_URL_LEN {
+            return Err(Status::invalid_argument(format!(
+                "type_url is {} bytes long; at most {MAX_TYPE_URL_LEN} are accepted",
+                type_url.len()
+            )));
         }
         let Some(sub) = self.subs.get_mut(&type_url) else {
             return self.subscribe(request);

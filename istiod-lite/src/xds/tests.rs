@@ -510,10 +510,14 @@ async fn a_first_request_without_a_usable_node_is_refused() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains(want), "{status:?}");
     }
-    let mut proxy = h.connect().await;
-    proxy.send(subscribe("", true)).await;
-    let status = proxy.recv_status().await;
-    assert!(status.message().contains("empty type_url"), "{status:?}");
+    let long = format!("type.googleapis.com/{}", "x".repeat(300));
+    for (type_url, want) in [("", "empty type_url"), (long.as_str(), "at most 256")] {
+        let mut proxy = h.connect().await;
+        proxy.send(subscribe(type_url, true)).await;
+        let status = proxy.recv_status().await;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(want), "{status:?}");
+    }
 }
 
 #[tokio::test]
@@ -574,6 +578,22 @@ async fn unknown_type_urls_are_served_empty_and_do_not_break_the_stream() {
     h.publish(set_of(&[("a", 1)], &[])).await;
     assert_eq!(proxy.recv().await.type_url, AUTHORIZATION_TYPE_URL);
     assert_eq!(h.counter(m::XDS_PUSHES, Some("other")), 1);
+    // Up to 16 types per stream; the 17th ends it.
+    for i in 3..MAX_TYPES_PER_STREAM {
+        proxy
+            .send(subscribe(&format!("type.googleapis.com/x.T{i}"), false))
+            .await;
+        assert!(proxy.recv().await.resources.is_empty());
+    }
+    proxy
+        .send(subscribe("type.googleapis.com/x.TooMany", false))
+        .await;
+    let status = proxy.recv_status().await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("too many type urls"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
