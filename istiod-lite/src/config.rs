@@ -11,7 +11,7 @@ use std::time::Duration;
 use mesh_core::identity::{DEFAULT_TRUST_DOMAIN, validate_trust_domain};
 use serde::Serialize;
 
-/// Address of the TLS gRPC server (CA; later also xDS).
+/// Address of the TLS gRPC server (CA and xDS).
 pub const GRPC_ADDR: &str = "ISTIOD_GRPC_ADDR";
 /// Trust domain of every identity the CA signs.
 pub const TRUST_DOMAIN: &str = "ISTIOD_TRUST_DOMAIN";

@@ -1,5 +1,6 @@
-//! istiod-lite: zmesh's control plane. Today: the SPIFFE certificate authority
-//! (`istio.v1.auth.IstioCertificateService`) served over TLS on port 15012.
+//! istiod-lite: zmesh's control plane: the SPIFFE certificate authority
+//! (`istio.v1.auth.IstioCertificateService`) and the delta ADS server ([`xds`]), served over TLS on
+//! port 15012.
 #![forbid(unsafe_code)]
 
 pub mod app;

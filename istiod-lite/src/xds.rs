@@ -23,7 +23,8 @@
 //!   proxy that asks for an extra type reconnect forever; staying silent would leave a client that
 //!   waits for every type unready. At most [`MAX_TYPES_PER_STREAM`] types per stream.
 //!
-//! Callers authenticate with a bearer token (the CA's [`Authenticator`]). Server shutdown ends
+//! Callers authenticate with a bearer token (the CA's [`Authenticator`]) whose identity must be in
+//! the namespace the node claims, if it claims one (else `PERMISSION_DENIED`). Server shutdown ends
 //! every stream with `UNAVAILABLE` so proxies reconnect elsewhere and keep their last config.
 
 use std::net::SocketAddr;
@@ -212,6 +213,7 @@ impl AdsService {
             )
         })?;
         let node = NodeInfo::parse(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        check_caller_is_node(caller, &node)?;
         let _connected = self.shared.metrics.connected();
         tracing::info!(
             proxy = node.id,
@@ -245,6 +247,19 @@ impl AdsService {
             },
         }
     }
+}
+
+// Istio's connection identity check: the token must belong to the namespace the proxy claims
+// to run in, so a workload's token cannot pose as (and be logged as) another namespace's proxy.
+// A proxy that does not know its namespace (local development) claims none and is not checked.
+fn check_caller_is_node(caller: &Caller, node: &NodeInfo) -> Result<(), Status> {
+    if node.namespace.is_empty() || caller.identity.namespace() == node.namespace {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "{} may not connect as proxy {:?}: the node id names namespace {:?}",
+        caller.identity, node.id, node.namespace
+    )))
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;

@@ -15,6 +15,8 @@ use super::debounce::Published;
 use super::node::NodeInfo;
 use super::subscription::{Subscription, Update};
 use super::{KNOWN_TYPE_URLS, MAX_TYPES_PER_STREAM, Shared};
+
+const MAX_TYPE_URL_LEN: usize = 256;
 use crate::metrics::XdsType;
 
 /// Where responses (and the final status) go.
@@ -57,15 +59,24 @@ impl Connection {
             out,
         };
         conn.on_request(first)?;
+        conn.run(requests, feed, shutdown).await
+    }
+
+    async fn run(
+        &mut self,
+        requests: &mut Streaming<DeltaDiscoveryRequest>,
+        mut feed: watch::Receiver<Arc<Published>>,
+        shutdown: &CancellationToken,
+    ) -> Result<End, Status> {
         let mut feed_open = true;
         loop {
-            let deadline = conn.ack_deadline();
+            let deadline = self.ack_deadline();
             tokio::select! {
                 () = shutdown.cancelled() => {
                     return Err(Status::unavailable("istiod-lite is shutting down; reconnect"));
                 }
                 message = requests.message() => match message {
-                    Ok(Some(request)) => conn.on_request(request)?,
+                    Ok(Some(request)) => self.on_request(request)?,
                     Ok(None) => return Ok(End::ProxyClosed),
                     Err(status) => {
                         tracing::debug!(%status, "request stream failed");
@@ -75,12 +86,12 @@ impl Connection {
                 changed = feed.changed(), if feed_open => match changed {
                     Ok(()) => {
                         let published = feed.borrow_and_update().clone();
-                        conn.on_published(published)?;
+                        self.on_published(published)?;
                     }
                     // The debouncer stopped (shutdown): keep serving what we have.
                     Err(_) => feed_open = false,
                 },
-                () = sleep_until(deadline), if deadline.is_some() => return Err(conn.ack_timed_out()),
+                () = sleep_until(deadline), if deadline.is_some() => return Err(self.ack_timed_out()),
             }
         }
     }
@@ -89,6 +100,13 @@ impl Connection {
         let type_url = request.type_url.clone();
         if type_url.is_empty() {
             return Err(Status::invalid_argument("request has an empty type_url"));
+        }
+        // Type URLs end up in logs and as map keys; real ones are under 100 bytes.
+        if type_url.len() > MAX_TYPE_URL_LEN {
+            return Err(Status::invalid_argument(format!(
+                "type_url is {} bytes long; at most {MAX_TYPE_URL_LEN} are accepted",
+                type_url.len()
+            )));
         }
         let Some(sub) = self.subs.get_mut(&type_url) else {
             return self.subscribe(request);

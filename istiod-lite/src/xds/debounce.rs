@@ -168,7 +168,10 @@ mod tests {
             CancellationToken::new(),
         );
         out.borrow_and_update();
+        // Same content in a new set: nothing to publish.
         tx.send_replace(with(&["a"]));
+        let quiet = tokio::time::timeout(Duration::from_secs(5), out.changed()).await;
+        assert!(quiet.is_err(), "an identical set must not be published");
         tx.send_replace(with(&["a", "b"]));
         drop(tx);
         // The pending change is still published, then the debouncer ends.

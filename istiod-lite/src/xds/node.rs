@@ -39,9 +39,9 @@ pub struct NodeInfo {
     pub proxy_type: String,
     /// The IP in the id (ztunnel sends `1.1.1.1` when it does not know its own).
     pub ip: IpAddr,
-    /// Pod name (from the id, or `NAME`).
+    /// Pod name (from the id, or `NAME`); empty when the proxy does not know it.
     pub pod: String,
-    /// Pod namespace (from the id, or `NAMESPACE`).
+    /// Pod namespace (from the id, or `NAMESPACE`); empty when the proxy does not know it.
     pub namespace: String,
     /// Kubernetes node name (`NODE_NAME`).
     pub node_name: Option<String>,
@@ -59,10 +59,10 @@ impl NodeInfo {
         let mut info = parse_id(&node.id)?;
         let meta = Metadata(node.metadata.as_ref());
         if let Some(name) = meta.string("NAME")? {
-            check_same("NAME", &name, &info.pod)?;
+            check_same("NAME", name, &mut info.pod)?;
         }
         if let Some(namespace) = meta.string("NAMESPACE")? {
-            check_same("NAMESPACE", &namespace, &info.namespace)?;
+            check_same("NAMESPACE", namespace, &mut info.namespace)?;
         }
         info.node_name = meta.string("NODE_NAME")?;
         info.cluster_id = meta.string("CLUSTER_ID")?;
@@ -93,9 +93,8 @@ fn parse_id(id: &str) -> Result<NodeInfo, NodeError> {
     let (pod, namespace) = pod_ns
         .rsplit_once('.')
         .ok_or(err("the third part is not <pod>.<namespace>"))?;
-    if pod.is_empty() || namespace.is_empty() {
-        return Err(err("the pod name or namespace is empty"));
-    }
+    // Empty parts are allowed: a ztunnel without POD_NAME/POD_NAMESPACE (local development)
+    // sends `ztunnel~1.1.1.1~.~.svc.cluster.local`.
     Ok(NodeInfo {
         id: id.to_owned(),
         proxy_type: proxy_type.to_owned(),
@@ -110,9 +109,13 @@ fn parse_id(id: &str) -> Result<NodeInfo, NodeError> {
 }
 
 // Disagreeing id and metadata mean a misconfigured proxy; serving it under either name would be
-// a guess.
-fn check_same(key: &'static str, metadata: &str, from_id: &str) -> Result<(), NodeError> {
-    if metadata == from_id {
+// a guess. Metadata fills in what the id left empty.
+fn check_same(key: &'static str, metadata: String, from_id: &mut String) -> Result<(), NodeError> {
+    if from_id.is_empty() {
+        *from_id = metadata;
+        return Ok(());
+    }
+    if metadata == *from_id {
         return Ok(());
     }
     Err(NodeError::Metadata {
@@ -238,8 +241,6 @@ mod tests {
             ("~1.1.1.1~p.ns~d", "proxy type is empty"),
             ("ztunnel~not-an-ip~p.ns~d", "not an IP address"),
             ("ztunnel~1.1.1.1~podonly~d", "not <pod>.<namespace>"),
-            ("ztunnel~1.1.1.1~.ns~d", "pod name or namespace is empty"),
-            ("ztunnel~1.1.1.1~p.~d", "pod name or namespace is empty"),
         ];
         for (id, want) in cases {
             let err = NodeInfo::parse(&node(id, &[])).unwrap_err().to_string();
@@ -274,5 +275,15 @@ mod tests {
         // Empty strings count as unset.
         let info = NodeInfo::parse(&node(ZTUNNEL_ID, &[("NODE_NAME", s(""))])).unwrap();
         assert_eq!(info.node_name, None);
+    }
+
+    #[test]
+    fn an_unconfigured_ztunnel_is_accepted_and_metadata_fills_gaps() {
+        let unknown = "ztunnel~1.1.1.1~.~.svc.cluster.local";
+        let info =
+            NodeInfo::parse(&node(unknown, &[("NAME", s("")), ("NAMESPACE", s(""))])).unwrap();
+        assert_eq!((info.pod.as_str(), info.namespace.as_str()), ("", ""));
+        let info = NodeInfo::parse(&node(unknown, &[("NAMESPACE", s("istio-system"))])).unwrap();
+        assert_eq!(info.namespace, "istio-system");
     }
 }

@@ -28,6 +28,7 @@ use crate::serving_cert::{self, ServingCertResolver, ServingCertSpec};
 const TOKENS: &str = r#"
 tokens:
   "ztunnel-node-a-0123456789": { identity: "spiffe://cluster.local/ns/istio-system/sa/ztunnel", node: node-a }
+  "cart-token-0123456789": { identity: "spiffe://cluster.local/ns/shop/sa/cart", node: node-a }
 "#;
 const TOKEN: &str = "ztunnel-node-a-0123456789";
 const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-a.istio-system~istio-system.svc.cluster.local";
@@ -38,6 +39,7 @@ struct Harness {
     address: SocketAddr,
     roots_pem: String,
     feed: watch::Sender<Arc<ResourceSet>>,
+    published: watch::Receiver<Arc<Published>>,
     snapshotter: Snapshotter,
     totals: std::sync::Mutex<BTreeMap<(String, Option<String>), f64>>,
     shutdown: CancellationToken,
@@ -77,11 +79,13 @@ async fn harness(settings: AdsSettings) -> Harness {
     let auth = Arc::new(tokens.authenticator("Kubernetes"));
     let ads = AdsService::new(rx, auth, settings, metrics, shutdown.clone());
     let address = server.address();
+    let published = ads.feed.clone();
     let server = tokio::spawn(server.run(Routes::new(ads.into_server()), shutdown.clone()));
     Harness {
         address,
         roots_pem: authority.roots_pem().to_string(),
         feed,
+        published,
         snapshotter,
         totals: Default::default(),
         shutdown,
@@ -130,7 +134,17 @@ impl Harness {
         (proxy, responses)
     }
 
-    fn publish(&self, set: ResourceSet) {
+    /// Feeds `set` and waits until the debouncer has published it to streams.
+    async fn publish(&self, set: ResourceSet) {
+        let set = Arc::new(set);
+        self.feed.send_replace(set.clone());
+        let mut published = self.published.clone();
+        let done = published.wait_for(|p| Arc::ptr_eq(&p.set, &set));
+        tokio::time::timeout(WAIT, done).await.unwrap().unwrap();
+    }
+
+    /// Feeds `set` without waiting.
+    fn feed(&self, set: ResourceSet) {
         self.feed.send_replace(Arc::new(set));
     }
 
@@ -347,8 +361,8 @@ async fn first_response_per_type_even_when_empty() {
 #[tokio::test]
 async fn ack_then_updates_carry_only_changes_and_removals() {
     let h = harness(fast()).await;
-    h.publish(set_of(&[("keep", 1), ("edit", 1), ("gone", 1)], &["w1"]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.publish(set_of(&[("keep", 1), ("edit", 1), ("gone", 1)], &["w1"]))
+        .await;
     let (mut proxy, responses) = h.ztunnel(Default::default()).await;
     assert_eq!(names(&responses[0]).0, ["w1"]);
     let first = &responses[1];
@@ -362,7 +376,8 @@ async fn ack_then_updates_carry_only_changes_and_removals() {
     for r in &responses {
         proxy.ack(r).await;
     }
-    h.publish(set_of(&[("keep", 1), ("edit", 2), ("new", 1)], &["w1"]));
+    h.publish(set_of(&[("keep", 1), ("edit", 2), ("new", 1)], &["w1"]))
+        .await;
     let update = proxy.recv().await;
     assert_eq!(update.type_url, AUTHORIZATION_TYPE_URL);
     assert_eq!(names(&update), (vec!["ns/edit", "ns/new"], vec!["ns/gone"]));
@@ -379,15 +394,14 @@ async fn ack_then_updates_carry_only_changes_and_removals() {
 #[tokio::test]
 async fn nack_is_counted_and_the_stream_kept_without_resend() {
     let h = harness(fast()).await;
-    h.publish(set_of(&[("p", 1)], &[]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.publish(set_of(&[("p", 1)], &[])).await;
     let (mut proxy, responses) = h.ztunnel(Default::default()).await;
     proxy.ack(&responses[0]).await;
     proxy.nack(&responses[1], "ns/p: unsupported field").await;
     proxy.assert_quiet().await;
     assert_eq!(h.counter(m::XDS_REJECTS, Some("wdsauthz")), 1);
     // The stream still works: the next change arrives.
-    h.publish(set_of(&[("p", 2)], &[]));
+    h.publish(set_of(&[("p", 2)], &[])).await;
     let update = proxy.recv().await;
     assert_eq!(names(&update).0, ["ns/p"]);
 }
@@ -395,7 +409,9 @@ async fn nack_is_counted_and_the_stream_kept_without_resend() {
 #[tokio::test]
 async fn a_burst_of_changes_is_one_push() {
     let settings = AdsSettings {
-        debounce: Duration::from_millis(150),
+        // Long enough that a loaded test machine does not split the burst.
+        debounce: Duration::from_millis(300),
+        max_debounce: Duration::from_secs(3),
         ..fast()
     };
     let h = harness(settings).await;
@@ -407,7 +423,7 @@ async fn a_burst_of_changes_is_one_push() {
     for i in 0..5 {
         policies.push((format!("p{i}"), 1));
         let named: Vec<(&str, u32)> = policies.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-        h.publish(set_of(&named, &[]));
+        h.feed(set_of(&named, &[]));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let update = proxy.recv().await;
@@ -423,9 +439,8 @@ async fn changes_wait_for_the_outstanding_ack_and_coalesce() {
     let (mut proxy, responses) = h.ztunnel(Default::default()).await;
     proxy.ack(&responses[0]).await;
     // Authorization is left unacknowledged: two changes must wait, then go out as one.
-    h.publish(set_of(&[("a", 1)], &[]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    h.publish(set_of(&[("a", 1), ("b", 1)], &[]));
+    h.publish(set_of(&[("a", 1)], &[])).await;
+    h.publish(set_of(&[("a", 1), ("b", 1)], &[])).await;
     proxy.assert_quiet().await;
     proxy.ack(&responses[1]).await;
     let update = proxy.recv().await;
@@ -435,14 +450,14 @@ async fn changes_wait_for_the_outstanding_ack_and_coalesce() {
 #[tokio::test]
 async fn reconnect_with_initial_versions_gets_only_differences() {
     let h = harness(fast()).await;
-    h.publish(set_of(&[("a", 1), ("b", 1), ("c", 1)], &["w1"]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.publish(set_of(&[("a", 1), ("b", 1), ("c", 1)], &["w1"]))
+        .await;
     let (proxy, responses) = h.ztunnel(Default::default()).await;
     let held = [versions(&responses[0]), versions(&responses[1])];
     assert_eq!((held[0].len(), held[1].len()), (1, 3));
     drop(proxy);
-    h.publish(set_of(&[("a", 1), ("b", 2), ("d", 1)], &["w1"]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.publish(set_of(&[("a", 1), ("b", 2), ("d", 1)], &["w1"]))
+        .await;
     let (_proxy, responses) = h.ztunnel(held).await;
     assert_eq!(names(&responses[0]), (vec![], vec![]), "address unchanged");
     assert_eq!(names(&responses[1]), (vec!["ns/b", "ns/d"], vec!["ns/c"]));
@@ -459,6 +474,18 @@ async fn unauthenticated_streams_are_refused() {
         assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
         assert_eq!(status.message(), "request authentication failed");
     }
+    assert_eq!(h.connected(), 0.0);
+}
+
+#[tokio::test]
+async fn a_token_from_another_namespace_cannot_pose_as_the_proxy() {
+    let h = harness(fast()).await;
+    let mut proxy = h.try_connect(Some("cart-token-0123456789")).await.unwrap();
+    proxy.send(subscribe(ADDRESS_TYPE_URL, true)).await;
+    let status = proxy.recv_status().await;
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let want = "spiffe://cluster.local/ns/shop/sa/cart may not connect as proxy";
+    assert!(status.message().contains(want), "{status:?}");
     assert_eq!(h.connected(), 0.0);
 }
 
@@ -483,10 +510,14 @@ async fn a_first_request_without_a_usable_node_is_refused() {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains(want), "{status:?}");
     }
-    let mut proxy = h.connect().await;
-    proxy.send(subscribe("", true)).await;
-    let status = proxy.recv_status().await;
-    assert!(status.message().contains("empty type_url"), "{status:?}");
+    let long = format!("type.googleapis.com/{}", "x".repeat(300));
+    for (type_url, want) in [("", "empty type_url"), (long.as_str(), "at most 256")] {
+        let mut proxy = h.connect().await;
+        proxy.send(subscribe(type_url, true)).await;
+        let status = proxy.recv_status().await;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(want), "{status:?}");
+    }
 }
 
 #[tokio::test]
@@ -514,8 +545,7 @@ async fn a_proxy_that_never_acks_is_closed() {
 #[tokio::test]
 async fn replayed_and_stale_nonces_do_not_cause_resends() {
     let h = harness(fast()).await;
-    h.publish(set_of(&[("a", 1)], &[]));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.publish(set_of(&[("a", 1)], &[])).await;
     let (mut proxy, responses) = h.ztunnel(Default::default()).await;
     for r in &responses {
         proxy.ack(r).await;
@@ -545,9 +575,25 @@ async fn unknown_type_urls_are_served_empty_and_do_not_break_the_stream() {
     assert_eq!(response.type_url, "type.googleapis.com/example.Unknown");
     assert!(response.resources.is_empty());
     proxy.ack(&response).await;
-    h.publish(set_of(&[("a", 1)], &[]));
+    h.publish(set_of(&[("a", 1)], &[])).await;
     assert_eq!(proxy.recv().await.type_url, AUTHORIZATION_TYPE_URL);
     assert_eq!(h.counter(m::XDS_PUSHES, Some("other")), 1);
+    // Up to 16 types per stream; the 17th ends it.
+    for i in 3..MAX_TYPES_PER_STREAM {
+        proxy
+            .send(subscribe(&format!("type.googleapis.com/x.T{i}"), false))
+            .await;
+        assert!(proxy.recv().await.resources.is_empty());
+    }
+    proxy
+        .send(subscribe("type.googleapis.com/x.TooMany", false))
+        .await;
+    let status = proxy.recv_status().await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("too many type urls"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -578,7 +624,7 @@ async fn a_hundred_streams_all_receive_an_update() {
         proxies.push(proxy);
     }
     assert_eventually(|| h.connected() == 100.0).await;
-    h.publish(set_of(&[("a", 1)], &[]));
+    h.publish(set_of(&[("a", 1)], &[])).await;
     let updates = futures::future::join_all(proxies.iter_mut().map(|p| p.recv())).await;
     assert!(updates.iter().all(|u| names(u).0 == ["ns/a"]));
     assert_eq!(h.counter(m::XDS_PUSHES, Some("wdsauthz")), 200);
