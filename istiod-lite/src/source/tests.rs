@@ -188,10 +188,9 @@ async fn a_missing_config_directory_is_a_clear_startup_error() {
         },
         root_namespace: "istio-system".into(),
     };
-    let err = start(&config, CancellationToken::new())
-        .await
-        .err()
-        .expect("an error");
+    let Err(err) = start(&config, CancellationToken::new()).await else {
+        panic!("a missing directory must fail the start");
+    };
     assert!(
         format!("{err:#}").contains("/nonexistent/zmesh-config"),
         "{err:#}"
