@@ -84,7 +84,7 @@ pub struct AdsSettings {
 impl Default for AdsSettings {
     fn default() -> Self {
         Self {
-            debounce: Duration::from_millis(100),
+            debounce: Duration::from_millis(10),
             max_debounce: Duration::from_secs(1),
             ack_timeout: Duration::from_secs(30),
         }
