@@ -46,7 +46,7 @@
 //!   when `publishNotReadyAddresses`.
 //!
 //! # Authorization
-//! See [`authz`](self) notes in `translate/authz.rs`: ALLOW/DENY only (CUSTOM, AUDIT and
+//! Details in `translate/authz.rs` and `translate/peer_authn.rs`. ALLOW/DENY only (CUSTOM, AUDIT and
 //! `targetRef(s)` policies are not for ztunnel), L4 fields mapped one to one, L7 or unknown
 //! fields make an ALLOW rule disappear (fails closed) and are omitted from a DENY rule (applies
 //! more broadly), each with a problem. PeerAuthentication `STRICT` becomes the static DENY policy

@@ -35,13 +35,13 @@ use mesh_proto::security::{
 
 use super::{TranslateConfig, Translated, problem, selector_matches};
 
-/// A selector-scoped policy: `(resource name, matchLabels)`.
-type SelectorPolicy<'a> = (String, &'a BTreeMap<String, String>);
+/// A translated selector policy: resource name and `matchLabels`.
+type Selected<'a> = (String, &'a BTreeMap<String, String>);
 
 /// Translated selector-scoped policies, by namespace.
 #[derive(Default)]
 pub(super) struct SelectorPolicies<'a> {
-    by_namespace: HashMap<&'a str, Vec<SelectorPolicy<'a>>>,
+    by_namespace: HashMap<&'a str, Vec<Selected<'a>>>,
 }
 
 impl SelectorPolicies<'_> {

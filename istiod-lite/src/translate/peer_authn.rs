@@ -72,16 +72,7 @@ impl<'a> PeerAuthn<'a> {
         };
         for pa in all {
             let ns = pa.metadata.namespace.as_deref().unwrap_or_default();
-            if !pa.unknown_fields.is_empty() {
-                let name = pa.metadata.name.as_deref().unwrap_or_default();
-                let fields = pa.unknown_fields.join(", ");
-                problems.push(problem(
-                    "PeerAuthentication",
-                    ns,
-                    name,
-                    format!("unsupported fields ignored: {fields}"),
-                ));
-            }
+            report_unknown(pa, ns, problems);
             if selector(pa).is_some() {
                 this.selectors.entry(ns).or_default().push(pa);
             } else if ns == cfg.root_namespace {
@@ -137,6 +128,15 @@ impl<'a> PeerAuthn<'a> {
         let key = format!("{}/{STATIC_STRICT}", self.root_namespace);
         out.authorizations.entry(key.clone()).or_insert(auth);
         vec![key]
+    }
+}
+
+fn report_unknown(pa: &PeerAuthentication, ns: &str, problems: &mut Vec<String>) {
+    if !pa.unknown_fields.is_empty() {
+        let name = pa.metadata.name.as_deref().unwrap_or_default();
+        let fields = pa.unknown_fields.join(", ");
+        let msg = format!("unsupported fields ignored: {fields}");
+        problems.push(problem("PeerAuthentication", ns, name, msg));
     }
 }
 

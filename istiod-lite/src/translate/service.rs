@@ -51,19 +51,9 @@ pub(super) fn translate_all(
         let service = wl::Service {
             name: name.to_owned(),
             namespace: ns.to_owned(),
-            hostname: hostname.clone(),
+            hostname,
             addresses: vips(svc, &cfg.network, &mut report),
-            ports: ports
-                .iter()
-                .map(|p| wl::Port {
-                    service_port: p.port,
-                    target_port: match p.target {
-                        Target::Number(n) => n,
-                        Target::Named(_) => 0,
-                    },
-                    app_protocol: p.app_protocol as i32,
-                })
-                .collect(),
+            ports: ports.iter().map(service_port).collect(),
             ip_families: ip_families(&spec) as i32,
             load_balancing: load_balancing(&spec),
             ..wl::Service::default()
@@ -79,6 +69,18 @@ pub(super) fn translate_all(
             r#type: Some(wl::address::Type::Service(service)),
         };
         out.addresses.insert(key, resource);
+    }
+}
+
+// A named target port is 0 here: ztunnel resolves it per endpoint.
+fn service_port(p: &PortSpec) -> wl::Port {
+    wl::Port {
+        service_port: p.port,
+        target_port: match p.target {
+            Target::Number(n) => n,
+            Target::Named(_) => 0,
+        },
+        app_protocol: p.app_protocol as i32,
     }
 }
 

@@ -1,8 +1,11 @@
 //! Pod → `istio.workload.Workload`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use mesh_core::k8s::ambient::{self, Decision};
+use mesh_core::k8s::k8s_openapi::Metadata;
+use mesh_core::k8s::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use mesh_core::k8s::{Namespace, Node, Pod, Snapshot};
 use mesh_proto::workload::{
     Locality, NetworkMode, TunnelProtocol, Workload, WorkloadStatus, WorkloadType,
@@ -26,6 +29,9 @@ pub(super) fn translate_pods<'a>(
     cfg: &TranslateConfig,
     problems: &mut Vec<String>,
 ) -> Vec<PodEntry<'a>> {
+    // One lookup table each instead of a keyed (allocating) snapshot lookup per pod.
+    let namespaces: HashMap<&str, &Namespace> = by_name(snapshot.list::<Namespace>());
+    let nodes: HashMap<&str, &Node> = by_name(snapshot.list::<Node>());
     let mut out = Vec::new();
     for pod in snapshot.list::<Pod>() {
         if ambient::is_terminated(pod) {
@@ -46,12 +52,12 @@ pub(super) fn translate_pods<'a>(
                 continue;
             }
         };
-        let namespace = snapshot.get::<Namespace>("", ns).map(AsRef::as_ref);
+        let namespace = namespaces.get(ns).copied();
         let mut workload = base_workload(pod, ns, name, cfg);
         workload.addresses = ips.into_iter().map(ip_bytes).collect();
         workload.tunnel_protocol = tunnel(namespace, pod) as i32;
-        workload.locality = snapshot
-            .get::<Node>("", &workload.node)
+        workload.locality = nodes
+            .get(workload.node.as_str())
             .and_then(|node| locality(node));
         out.push(PodEntry {
             pod,
@@ -60,6 +66,15 @@ pub(super) fn translate_pods<'a>(
         });
     }
     out
+}
+
+fn by_name<'a, T>(objects: impl Iterator<Item = &'a Arc<T>>) -> HashMap<&'a str, &'a T>
+where
+    T: Metadata<Ty = ObjectMeta> + 'a,
+{
+    objects
+        .map(|o| (o.metadata().name.as_deref().unwrap_or_default(), o.as_ref()))
+        .collect()
 }
 
 fn base_workload(pod: &Pod, ns: &str, name: &str, cfg: &TranslateConfig) -> Workload {
