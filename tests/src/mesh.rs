@@ -1,16 +1,21 @@
 //! A meshed cluster on the netns testbed, with real components:
 //!
 //! * nodes and pods are network namespaces ([`mesh_testbed::Cluster`]);
-//! * the CA is istiod-lite, run in-process inside the **fabric** namespace on the bridge address
-//!   [`CA_IP`] — off every node, like a control plane, and reachable from each node's underlay
-//!   address on the same /24;
+//! * the control plane is istiod-lite (CA and delta xDS on one port), run in-process inside the
+//!   **fabric** namespace on the bridge address [`CA_IP`] — off every node, like a control plane,
+//!   and reachable from each node's underlay address on the same /24. It reads the scenario as
+//!   Kubernetes YAML from a config directory ([`objects`]: the namespace, one file per pod and per
+//!   service), polled every [`CONFIG_POLL`]; tests change it at runtime with [`Mesh::apply`] /
+//!   [`Mesh::delete`] and can stop and restart it ([`Mesh::stop_istiod`], [`Mesh::start_istiod`]);
 //! * each node gets a ZDS server (zmesh-cni's, in-process; the socket is a file, so it works
 //!   across namespaces) and the **real `ztunnel` binary** as a child process started from a
-//!   thread inside the node's namespace;
+//!   thread inside the node's namespace, configured over xDS from istiod-lite;
 //! * every meshed pod gets the in-pod capture rules and is enrolled over ZDS with its netns fd.
 //!
 //! The `ztunnel` binary must be built first (`cargo build -p ztunnel`); it is looked up next to
 //! the test executable's directory, or at `$MESH_ZTUNNEL_BIN`.
+
+pub mod objects;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -46,6 +51,10 @@ pub const ADMIN_ADDR: SocketAddr =
 pub const STARTUP: Duration = Duration::from_secs(20);
 /// Drain deadline given to every ztunnel.
 pub const DRAIN: Duration = Duration::from_secs(2);
+/// How often istiod-lite polls its config directory (a change is seen after two polls agree).
+pub const CONFIG_POLL: Duration = Duration::from_millis(50);
+/// How long a test waits for a config change to reach the ztunnels.
+pub const PROPAGATION: Duration = Duration::from_secs(20);
 
 /// A pod of the scenario.
 #[derive(Debug, Clone)]
@@ -56,7 +65,8 @@ pub struct PodSpec {
     pub node: &'static str,
     /// Service account.
     pub service_account: &'static str,
-    /// Enrolled (capture rules, ZDS, protocol HBONE) or not (protocol TCP).
+    /// Enrolled (capture rules, ZDS; HBONE in xDS through the namespace's ambient label) or not
+    /// (pod label `istio.io/dataplane-mode: none`, so xDS says protocol NONE).
     pub meshed: bool,
 }
 
@@ -87,7 +97,7 @@ pub fn identity(service_account: &str) -> String {
     format!("spiffe://cluster.local/ns/{NAMESPACE}/sa/{service_account}")
 }
 
-/// The workload uid of a pod in the local config.
+/// The workload uid istiod-lite gives a pod (cluster id `Kubernetes`).
 pub fn pod_uid(name: &str) -> String {
     format!("Kubernetes//Pod/{NAMESPACE}/{name}")
 }
@@ -98,7 +108,9 @@ pub struct Mesh {
     pub cluster: Cluster,
     pods: BTreeMap<String, (Pod, PodSpec)>,
     nodes: BTreeMap<String, MeshNode>,
-    _ca: NetnsTask<()>,
+    services: Vec<ServiceSpec>,
+    istiod: Option<NetnsTask<()>>,
+    istiod_config: istiod_lite::config::Config,
     dir: TempDir,
 }
 
@@ -109,8 +121,9 @@ struct MeshNode {
 }
 
 impl Mesh {
-    /// Builds the cluster, starts the CA, one ZDS server and one ztunnel per node, and enrolls
-    /// the meshed pods. Returns once every ztunnel reports ready.
+    /// Builds the cluster, writes the scenario as Kubernetes YAML, starts istiod-lite on it, one
+    /// ZDS server and one ztunnel (xDS from istiod-lite) per node, and enrolls the meshed pods.
+    /// Returns once every ztunnel reports ready.
     pub async fn start(nodes: &[&str], pods: &[PodSpec], services: &[ServiceSpec]) -> Result<Self> {
         let cluster = Cluster::new("zt")?;
         let dir = tempfile::tempdir()?;
@@ -128,18 +141,20 @@ impl Mesh {
                 (node.add_pod(spec.name)?, spec.clone()),
             );
         }
-        let ca = start_ca(&cluster, dir.path(), nodes, pods).await?;
-        let workloads = dir.path().join("workloads.yaml");
-        std::fs::write(&workloads, local_config(&placed, services))?;
+        write_scenario(dir.path(), &placed, services)?;
+        let istiod_config = ca_config(&cluster, dir.path(), nodes)?;
         let mut mesh = Self {
             cluster,
             pods: placed,
             nodes: BTreeMap::new(),
-            _ca: ca,
+            services: services.to_vec(),
+            istiod: None,
+            istiod_config,
             dir,
         };
+        mesh.start_istiod().await?;
         for (name, node) in &testbed_nodes {
-            let started = mesh.start_node(node, &workloads).await;
+            let started = mesh.start_node(node).await;
             let started = started.with_context(|| format!("starting node {name}"))?;
             mesh.nodes.insert(name.clone(), started);
         }
@@ -150,13 +165,13 @@ impl Mesh {
         Ok(mesh)
     }
 
-    async fn start_node(&self, node: &Node, workloads: &Path) -> Result<MeshNode> {
+    async fn start_node(&self, node: &Node) -> Result<MeshNode> {
         let socket = self.dir.path().join(format!("{}.sock", node.name()));
         let server = ZdsServer::bind(&socket)?;
         let zds = server.handle();
         let mut ready = zds.ready_connections();
         let zds_task = tokio::spawn(server.run());
-        let ztunnel = Ztunnel::spawn(node, &socket, workloads, self.dir.path())?;
+        let ztunnel = Ztunnel::spawn(node, &socket, self.dir.path())?;
         let connected = tokio::time::timeout(STARTUP, ready.wait_for(|n| *n >= 1)).await;
         if !matches!(connected, Ok(Ok(_))) {
             bail!(
@@ -170,6 +185,53 @@ impl Mesh {
             zds_task,
             ztunnel,
         })
+    }
+
+    /// Starts istiod-lite (again) in the fabric namespace, on the same CA directory, root and
+    /// config directory. Errors if it is running.
+    pub async fn start_istiod(&mut self) -> Result<()> {
+        ensure!(self.istiod.is_none(), "istiod-lite is already running");
+        let fabric = self.cluster.fabric_netns().to_string();
+        let task = start_ca_in_fabric(&fabric, self.istiod_config.clone()).await?;
+        self.istiod = Some(task);
+        Ok(())
+    }
+
+    /// Stops istiod-lite abruptly, like a crashed control plane: its runtime is dropped, so every
+    /// xDS stream and CA connection is cut at once. Errors if it is not running.
+    pub async fn stop_istiod(&mut self) -> Result<()> {
+        let mut task = self.istiod.take().context("istiod-lite is not running")?;
+        task.abort();
+        // Dropping joins the task's thread, which closes every socket it owned.
+        tokio::task::spawn_blocking(move || drop(task)).await?;
+        Ok(())
+    }
+
+    /// Whether istiod-lite is running.
+    pub fn istiod_running(&self) -> bool {
+        self.istiod.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// istiod-lite's config directory.
+    pub fn config_dir(&self) -> PathBuf {
+        config_dir(self.dir.path())
+    }
+
+    /// Writes (or replaces) `<config dir>/<name>.yaml` atomically; istiod-lite picks it up within
+    /// a few [`CONFIG_POLL`]s. See [`objects`] for the files the mesh starts with.
+    pub fn apply(&self, name: &str, yaml: &str) -> Result<()> {
+        objects::write(&self.config_dir(), name, yaml)
+    }
+
+    /// Deletes `<config dir>/<name>.yaml`.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        objects::remove(&self.config_dir(), name)
+    }
+
+    /// The YAML the mesh wrote for a pod (to re-apply it changed).
+    pub fn pod_yaml(&self, name: &str) -> Result<String> {
+        let (pod, spec) = self.pods.get(name).context("unknown pod")?;
+        Ok(objects::pod_yaml(spec, pod.ip(), &self.services))
     }
 
     async fn enroll_all(&self) -> Result<()> {
@@ -261,12 +323,38 @@ impl Drop for Mesh {
     }
 }
 
-async fn start_ca(
-    cluster: &Cluster,
+fn config_dir(dir: &Path) -> PathBuf {
+    dir.join("config")
+}
+
+fn write_scenario(
     dir: &Path,
-    nodes: &[&str],
-    pods: &[PodSpec],
-) -> Result<NetnsTask<()>> {
+    pods: &BTreeMap<String, (Pod, PodSpec)>,
+    services: &[ServiceSpec],
+) -> Result<()> {
+    let config = config_dir(dir);
+    std::fs::create_dir(&config)?;
+    objects::write(
+        &config,
+        objects::NAMESPACE_FILE,
+        &objects::namespace_yaml(true),
+    )?;
+    for (pod, spec) in pods.values() {
+        let yaml = objects::pod_yaml(spec, pod.ip(), services);
+        objects::write(&config, &objects::pod_file(spec.name), &yaml)?;
+    }
+    for svc in services {
+        objects::write(
+            &config,
+            &objects::service_file(svc.name),
+            &objects::service_yaml(svc),
+        )?;
+    }
+    Ok(())
+}
+
+// Addresses the fabric bridge and writes the tokens; the config is reused by every (re)start.
+fn ca_config(cluster: &Cluster, dir: &Path, nodes: &[&str]) -> Result<istiod_lite::config::Config> {
     let fabric = cluster.fabric_netns().to_string();
     let addr = format!("{CA_IP}/24");
     let out = Command::new("ip")
@@ -275,11 +363,7 @@ async fn start_ca(
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success(), "cannot address fab0: {stderr}");
     let tokens = dir.join("tokens.yaml");
-    std::fs::write(&tokens, tokens_file(nodes, pods))?;
-    start_ca_in_fabric(&fabric, ca_config(dir, &tokens)?).await
-}
-
-fn ca_config(dir: &Path, tokens: &Path) -> Result<istiod_lite::config::Config> {
+    std::fs::write(&tokens, tokens_file(nodes))?;
     let mut env = HashMap::new();
     let mut set = |k: &str, v: String| env.insert(k.to_string(), v);
     set("ISTIOD_GRPC_ADDR", format!("{CA_IP}:{CA_PORT}"));
@@ -287,6 +371,14 @@ fn ca_config(dir: &Path, tokens: &Path) -> Result<istiod_lite::config::Config> {
     set("ISTIOD_CA_DIR", dir.join("ca").display().to_string());
     set("ISTIOD_ROOT_CERT_OUT", root_cert(dir).display().to_string());
     set("ISTIOD_TOKENS_FILE", tokens.display().to_string());
+    // With a config directory, "may this ztunnel impersonate that pod" is answered from the pods
+    // in the YAML (namespace, service account, nodeName), not from the tokens file.
+    set("ISTIOD_CONFIG_DIR", config_dir(dir).display().to_string());
+    set(
+        "ISTIOD_CONFIG_POLL",
+        format!("{}ms", CONFIG_POLL.as_millis()),
+    );
+    set("ISTIOD_DRAIN_TIMEOUT", "1s".to_string());
     Ok(istiod_lite::config::Config::from_source(&env)?)
 }
 
@@ -322,66 +414,13 @@ fn node_token(node: &str) -> String {
     format!("ztunnel-token-of-{node}-0123456789abcdef")
 }
 
-fn tokens_file(nodes: &[&str], pods: &[PodSpec]) -> String {
+fn tokens_file(nodes: &[&str]) -> String {
     let mut s = String::from("tokens:\n");
     for node in nodes {
         let _ = writeln!(
             s,
             "  \"{}\": {{ identity: \"{ZTUNNEL_IDENTITY}\", node: {node} }}",
             node_token(node)
-        );
-    }
-    s.push_str("workloads:\n");
-    for pod in pods.iter().filter(|p| p.meshed) {
-        let _ = writeln!(
-            s,
-            "  - {{ identity: \"{}\", node: {} }}",
-            identity(pod.service_account),
-            pod.node
-        );
-    }
-    s
-}
-
-fn local_config(pods: &BTreeMap<String, (Pod, PodSpec)>, services: &[ServiceSpec]) -> String {
-    let mut s = String::from("workloads:\n");
-    for (pod, spec) in pods.values() {
-        let protocol = if spec.meshed { "HBONE" } else { "TCP" };
-        let backs: Vec<String> = services
-            .iter()
-            .filter(|svc| svc.endpoints.contains(&spec.name))
-            .map(|svc| {
-                format!(
-                    "{NAMESPACE}/{}: {{{}: {}}}",
-                    svc.hostname(),
-                    svc.port,
-                    svc.target_port
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            s,
-            "- {{uid: \"{}\", name: {}, namespace: {NAMESPACE}, serviceAccount: {}, \
-             trustDomain: cluster.local, workloadIps: [{}], protocol: {protocol}, node: {}, \
-             services: {{{}}}}}",
-            pod_uid(spec.name),
-            spec.name,
-            spec.service_account,
-            pod.ip(),
-            spec.node,
-            backs.join(", ")
-        );
-    }
-    s.push_str("services:\n");
-    for svc in services {
-        let _ = writeln!(
-            s,
-            "- {{name: {}, namespace: {NAMESPACE}, hostname: {}, vips: [/{}], ports: {{{}: {}}}}}",
-            svc.name,
-            svc.hostname(),
-            svc.vip,
-            svc.port,
-            svc.target_port
         );
     }
     s
@@ -425,16 +464,18 @@ pub struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn spawn(node: &Node, zds: &Path, workloads: &Path, dir: &Path) -> Result<Self> {
+    fn spawn(node: &Node, zds: &Path, dir: &Path) -> Result<Self> {
         let log = dir.join(format!("ztunnel-{}.log", node.name()));
         let out = File::create(&log)?;
         let mut cmd = Command::new(ztunnel_binary()?);
-        cmd.arg("--local-config").arg(workloads);
-        // Polled so a test can change the config (e.g. add policies) while the mesh runs.
-        cmd.args(["--local-config-poll", "200ms", "--node-name", node.name()]);
+        cmd.args(["--node-name", node.name()]);
         cmd.arg("--zds-socket").arg(zds);
-        cmd.args(["--ca-address", &format!("https://{CA_IP}:{CA_PORT}")]);
+        let istiod = format!("https://{CA_IP}:{CA_PORT}");
+        cmd.args(["--ca-address", &istiod]);
         cmd.arg("--ca-root").arg(root_cert(dir));
+        // Delta ADS on the CA's port, trusting the same root (the serving cert has CA_IP as SAN).
+        cmd.args(["--xds-address", &istiod]);
+        cmd.arg("--xds-root").arg(root_cert(dir));
         cmd.args(["--token", &node_token(node.name())]);
         cmd.args(["--admin-addr", &ADMIN_ADDR.to_string()]);
         cmd.args(["--drain-timeout", &format!("{}ms", DRAIN.as_millis())]);
@@ -479,6 +520,30 @@ impl Ztunnel {
         Ok(serde_json::from_str(
             &self.admin("/config_dump").await?.body,
         )?)
+    }
+
+    /// Polls `/config_dump` until `pred` holds, for at most [`PROPAGATION`]; `what` names the
+    /// expectation in the error, which shows the last dump.
+    pub async fn wait_config(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + PROPAGATION;
+        loop {
+            let dump = self.config_dump().await;
+            if let Ok(dump) = &dump
+                && pred(dump)
+            {
+                return Ok(dump.clone());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ztunnel: {what} not seen within {PROPAGATION:?}; last config_dump: {dump:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn wait_ready(&self) -> Result<()> {

@@ -1,9 +1,11 @@
 //! L4 authorization end to end on the real kernel: two nodes, the real `ztunnel` binary on each,
-//! policies added to the local config while connections are open.
+//! an AuthorizationPolicy and a PeerAuthentication applied as Kubernetes YAML to istiod-lite's
+//! config directory while connections are open, reaching the ztunnels over delta xDS.
 //!
 //! An ALLOW policy admits the `client` identity and refuses `intruder` (the destination ztunnel
-//! answers 401, both ztunnels record `response_flags="DENY"`); a STRICT-style DENY
-//! `notPrincipals: [presence]` policy refuses plaintext from an unmeshed pod; the policy update
+//! answers 401, both ztunnels record `response_flags="DENY"`); PeerAuthentication STRICT
+//! (translated to a DENY `notPrincipals: [presence]` policy) refuses plaintext from an unmeshed
+//! pod; the policy update
 //! closes the already-open connections it now denies and leaves the allowed one running.
 //!
 //! Needs root and a built binary; run inside the sandbox:
@@ -16,13 +18,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use mesh_testbed::apps::{self, App};
 use mesh_testbed::require_netns_tools;
-use mesh_tests::mesh::{Mesh, NAMESPACE, PodSpec, ServiceSpec, identity, metric};
+use mesh_tests::mesh::{Mesh, NAMESPACE, PodSpec, ServiceSpec, identity, metric, pod_uid};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 const APP_PORT: u16 = 8080;
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const REVOKED: &str = "ztunnel_tcp_connections_revoked_total";
+/// What istiod-lite makes of PeerAuthentication STRICT (in the root namespace).
+const STRICT_POLICY: &str = "istio-system/istio_converted_static_strict";
 
 fn pods() -> Vec<PodSpec> {
     let pod = |name, node, sa, meshed| PodSpec {
@@ -49,20 +53,27 @@ fn services() -> Vec<ServiceSpec> {
     }]
 }
 
-/// ALLOW only `client` in the namespace, and refuse anything without an identity.
-fn policies() -> String {
+/// ALLOW only `client` in the namespace.
+fn allow_client() -> String {
     format!(
-        "policies:
-- name: allow-client
-  namespace: {NAMESPACE}
-  scope: Namespace
-  action: Allow
-  rules: [[[{{principals: [{{exact: cluster.local/ns/{NAMESPACE}/sa/client}}]}}]]]
-- name: strict
-  namespace: {NAMESPACE}
-  scope: Namespace
-  action: Deny
-  rules: [[[{{notPrincipals: [presence]}}]]]
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: allow-client, namespace: {NAMESPACE}}}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/{NAMESPACE}/sa/client]}}}}]
+"
+    )
+}
+
+/// Refuse anything without an identity (plaintext) in the namespace.
+fn strict() -> String {
+    format!(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: default, namespace: {NAMESPACE}}}
+spec: {{mtls: {{mode: STRICT}}}}
 "
     )
 }
@@ -139,26 +150,39 @@ async fn eventually_metric(
     }
 }
 
-/// Appends the policies to the local config and waits until the server's ztunnel has them.
+/// Applies the policies through istiod-lite and waits until the server's ztunnel has both: the
+/// namespace policy and the server workload's reference to the converted STRICT policy.
 async fn apply_policies(mesh: &Mesh) -> Result<()> {
-    let path = mesh.dir().join("workloads.yaml");
-    let mut yaml = std::fs::read_to_string(&path)?;
-    yaml.push_str(&policies());
-    std::fs::write(&path, yaml)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let dump = mesh.ztunnel("n2").config_dump().await?;
-        if dump["policies"].as_array().is_some_and(|p| p.len() == 2) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "policies not loaded; config_dump policies: {}",
-                dump["policies"]
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    mesh.apply("authz-allow-client", &allow_client())?;
+    mesh.apply("peer-authn-strict", &strict())?;
+    let allow = format!("{NAMESPACE}/allow-client");
+    let server = pod_uid("server");
+    mesh.ztunnel("n2")
+        .wait_config("the allow-client and STRICT policies", |dump| {
+            let names = policy_names(dump);
+            let strict = dump["workloads"].as_array().is_some_and(|ws| {
+                ws.iter().any(|w| {
+                    w["uid"] == server.as_str()
+                        && w["authorizationPolicies"]
+                            .as_array()
+                            .is_some_and(|p| p.iter().any(|n| n == STRICT_POLICY))
+                })
+            });
+            names.contains(&allow) && names.iter().any(|n| n == STRICT_POLICY) && strict
+        })
+        .await?;
+    Ok(())
+}
+
+fn policy_names(dump: &serde_json::Value) -> Vec<String> {
+    let policies = dump["policies"].as_array().cloned().unwrap_or_default();
+    policies
+        .iter()
+        .filter_map(|p| {
+            let (ns, name) = (p["namespace"].as_str()?, p["name"].as_str()?);
+            Some(format!("{ns}/{name}"))
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
