@@ -6,12 +6,17 @@ pub mod model;
 pub mod policy;
 mod shared;
 
-use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use model::{NetworkAddress, Service, Workload};
 pub use shared::SharedStore;
+
+// Persistent maps: cloning the store (every config update works on a clone, then swaps it in
+// whole) shares all unchanged entries, so an update costs O(changes · log n) instead of copying
+// 10 000 workloads and their index keys.
+type HashMap<K, V> = imbl::HashMap<K, V>;
+type BTreeSet<T> = imbl::OrdSet<T>;
 
 /// Indexed workloads and services. Replacing an entry keeps every index consistent.
 #[derive(Debug, Default, Clone)]

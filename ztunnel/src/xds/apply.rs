@@ -1,7 +1,6 @@
 //! Applying one delta response to a [`Store`]: every resource is converted on its own, a bad one
 //! is rejected (and named in the NACK) while the good ones are applied, and removals remove.
 
-use std::collections::BTreeMap;
 
 use mesh_proto::any::{self, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_proto::discovery::{DeltaDiscoveryResponse, Resource};
@@ -60,7 +59,7 @@ pub struct Rejection {
 /// Returns the rejected resources; the rest was applied.
 pub fn apply(
     store: &mut Store,
-    versions: &mut BTreeMap<String, String>,
+    versions: &mut imbl::OrdMap<String, String>,
     ty: XdsType,
     response: &DeltaDiscoveryResponse,
 ) -> Vec<Rejection> {

@@ -31,7 +31,8 @@ pub struct XdsClient {
     // One readiness guard per type, dropped after that type's first response was applied.
     pending: BTreeMap<XdsType, ReadyGuard>,
     // Name → version of every applied resource, per type: `initial_resource_versions` on reconnect.
-    versions: BTreeMap<XdsType, BTreeMap<String, String>>,
+    // Persistent maps: handing a copy to the status after every response is O(1).
+    versions: BTreeMap<XdsType, imbl::OrdMap<String, String>>,
     backoff: Backoff,
 }
 
@@ -169,7 +170,11 @@ impl XdsClient {
         DeltaDiscoveryRequest {
             node: Some(self.config.node.node()),
             type_url: ty.type_url().to_string(),
-            initial_resource_versions: self.versions.get(&ty).cloned().unwrap_or_default(),
+            initial_resource_versions: self
+                .versions
+                .get(&ty)
+                .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default(),
             ..Default::default()
         }
     }

@@ -20,7 +20,7 @@ fn ip(s: &str) -> IpAddr {
 
 #[test]
 fn good_resources_apply_and_bad_ones_are_rejected_individually() {
-    let (mut store, mut versions) = (Store::default(), BTreeMap::new());
+    let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let mut no_payload = testutil::workload("c", [10, 0, 0, 3], "v1");
     no_payload.resource = None;
     let mut wrong_type = testutil::workload("d", [10, 0, 0, 4], "v1");
@@ -59,7 +59,7 @@ fn good_resources_apply_and_bad_ones_are_rejected_individually() {
 
 #[test]
 fn a_rejected_update_keeps_the_previous_version() {
-    let (mut store, mut versions) = (Store::default(), BTreeMap::new());
+    let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let first = response(vec![testutil::workload("a", [10, 0, 0, 1], "v1")], &[]);
     assert!(apply(&mut store, &mut versions, XdsType::Address, &first).is_empty());
     let bad = response(vec![testutil::bad_workload("a", "v2")], &[]);
@@ -73,7 +73,7 @@ fn a_rejected_update_keeps_the_previous_version() {
 
 #[test]
 fn removals_remove_workloads_then_services_and_forget_versions() {
-    let (mut store, mut versions) = (Store::default(), BTreeMap::new());
+    let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let svc = "default/echo.default.svc.cluster.local";
     let add = response(
         vec![
@@ -91,7 +91,7 @@ fn removals_remove_workloads_then_services_and_forget_versions() {
 
 #[test]
 fn a_name_that_changes_kind_replaces_the_old_resource() {
-    let (mut store, mut versions) = (Store::default(), BTreeMap::new());
+    let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let svc = testutil::service("echo", [10, 96, 0, 1], "v1");
     let mut w = testutil::workload("x", [10, 0, 0, 1], "v1");
     // Re-pack the workload under the service's name (uid = that name).
@@ -118,7 +118,7 @@ fn a_name_that_changes_kind_replaces_the_old_resource() {
 
 #[test]
 fn policies_are_converted_individually_and_removed_by_name() {
-    let (mut store, mut versions) = (Store::default(), BTreeMap::new());
+    let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let mut bad = testutil::policy("ns", "bad", "v1");
     let mut p: Authorization = any::unpack(bad.resource.as_ref().unwrap()).unwrap();
     // An action that does not exist cannot be enforced faithfully.
