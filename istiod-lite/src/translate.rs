@@ -129,6 +129,11 @@ pub fn translate(snapshot: &Snapshot, cfg: &TranslateConfig) -> Translated {
     out
 }
 
+/// The uid (and xDS resource name) of the workload of pod `namespace/name`.
+pub fn workload_uid(cfg: &TranslateConfig, namespace: &str, name: &str) -> String {
+    format!("{}//Pod/{namespace}/{name}", cfg.cluster_id)
+}
+
 /// The xDS aliases of an address resource: `<network>/<ip>` per workload IP (none for
 /// host-network workloads, which are not indexed by IP) or per service VIP.
 pub fn aliases(resource: &Address) -> Vec<String> {

@@ -196,3 +196,69 @@ async fn a_missing_config_directory_is_a_clear_startup_error() {
         "{err:#}"
     );
 }
+
+fn versions(set: &ResourceSet) -> Vec<(String, String, String)> {
+    set.type_urls()
+        .flat_map(|t| {
+            set.get(t)
+                .into_iter()
+                .flatten()
+                .map(move |(n, r)| (t.to_string(), n.clone(), r.version.clone()))
+        })
+        .collect()
+}
+
+const MORE_PODS: &str = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: demo, labels: {app: client, version: v1}}
+spec: {nodeName: n2, serviceAccountName: web, containers: [{name: c, image: x}]}
+status: {phase: Running, podIP: 10.1.2.2, conditions: [{type: Ready, status: "True"}]}
+"#;
+
+#[test]
+fn pod_only_changes_translate_incrementally_to_the_same_result_as_a_full_translation() {
+    let cfg = TranslateConfig::default();
+    let base = format!("{OBJECTS}{MORE_PODS}---{POLICY}");
+    let steps = [
+        // A label change (the revision), then a pod gone, then a new pod and a terminated one.
+        base.replace("version: v1", "version: v2"),
+        OBJECTS.to_string() + "---" + POLICY,
+        format!(
+            "{OBJECTS}{}---{POLICY}",
+            MORE_PODS
+                .replace("name: web", "name: web2")
+                .replace("10.1.2.2", "10.1.2.3")
+        )
+        .replace(
+            "phase: Running, podIP: 10.1.1.2",
+            "phase: Failed, podIP: 10.1.1.2",
+        ),
+        // A non-pod change (the policy removed) takes the full path.
+        OBJECTS.to_string(),
+    ];
+    let mut translator = Translator::new(cfg.clone());
+    let first = translator.update(Arc::new(snapshot(&base)));
+    assert_eq!(
+        versions(&first),
+        versions(&resource_set(&translate(&snapshot(&base), &cfg)))
+    );
+    for (i, step) in steps.iter().enumerate() {
+        let s = snapshot(step);
+        let got = translator.update(Arc::new(s.clone()));
+        let want = resource_set(&translate(&s, &cfg));
+        assert_eq!(versions(&got), versions(&want), "step {i}");
+    }
+}
+
+#[test]
+fn changed_pods_is_none_when_anything_but_pods_changed() {
+    let a = snapshot(&format!("{OBJECTS}{MORE_PODS}"));
+    let b = snapshot(&format!("{OBJECTS}{}", MORE_PODS.replace("v1", "v9")));
+    let pods = changed_pods(&a, &b).expect("only a pod changed");
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].name, "web");
+    let c = snapshot(&OBJECTS.replace("port: 80", "port: 81"));
+    assert!(changed_pods(&a, &c).is_none());
+}

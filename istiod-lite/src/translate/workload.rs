@@ -83,7 +83,7 @@ fn base_workload(pod: &Pod, ns: &str, name: &str, cfg: &TranslateConfig) -> Work
     let (canonical_name, canonical_revision) = canonical(pod, &workload_name);
     let host_network = ambient::is_host_network(pod);
     Workload {
-        uid: format!("{}//Pod/{ns}/{name}", cfg.cluster_id),
+        uid: super::workload_uid(cfg, ns, name),
         name: name.to_owned(),
         namespace: ns.to_owned(),
         network: cfg.network.clone(),

@@ -99,6 +99,16 @@ macro_rules! kinds {
                 match self { $(Object::$variant(_) => Kind::$variant,)+ }
             }
 
+            /// Whether both hold the same allocation: a cheap "unchanged" check before comparing
+            /// contents (sources keep the `Arc` of objects that did not change).
+            pub fn ptr_eq(&self, other: &Object) -> bool {
+                #[allow(unreachable_patterns)]
+                match (self, other) {
+                    $((Object::$variant(a), Object::$variant(b)) => Arc::ptr_eq(a, b),)+
+                    _ => false,
+                }
+            }
+
             /// The object's metadata.
             pub fn metadata(&self) -> &ObjectMeta {
                 match self { $(Object::$variant(o) => o.metadata(),)+ }

@@ -139,7 +139,7 @@ impl Snapshot {
         for (key, old) in &self.objects {
             match newer.objects.get(key) {
                 None => changes.push(Change::Deleted(old.clone())),
-                Some(new) if new != old => changes.push(Change::Updated {
+                Some(new) if !new.ptr_eq(old) && new != old => changes.push(Change::Updated {
                     old: old.clone(),
                     new: new.clone(),
                 }),

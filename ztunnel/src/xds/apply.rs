@@ -1,7 +1,6 @@
 //! Applying one delta response to a [`Store`]: every resource is converted on its own, a bad one
 //! is rejected (and named in the NACK) while the good ones are applied, and removals remove.
 
-
 use mesh_proto::any::{self, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use mesh_proto::discovery::{DeltaDiscoveryResponse, Resource};
 use mesh_proto::security::Authorization;
