@@ -97,11 +97,12 @@ fn main() -> Result<()> {
     for _ in 0..5 {
         snapshot_ms.push(clients.block_on(full_snapshot(&cp, target))?.as_secs_f64() * 1e3);
     }
+    // Before the 100 clients connect, so their streams cannot slow it down.
+    let certs = clients.block_on(ca_rate(&cp, &args))?;
     let connected = clients.block_on(connect_many(&cp, args.clients, target))?;
     let fanout = clients.block_on(fan_out(&cp, &cluster, &connected, args.changes))?;
     let cpu = clients.block_on(cpu_at_rate(&cp, &cluster, &args))?;
     drop(connected);
-    let certs = clients.block_on(ca_rate(&cp, &args))?;
     report(&args, store_bytes, &mut snapshot_ms, fanout, cpu, certs);
     istiod.block_on(async { cp.bound.shutdown_handle().cancel() });
     Ok(())
