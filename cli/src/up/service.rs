@@ -9,7 +9,7 @@ use mesh_testbed::apps;
 
 use crate::localmesh::{
     HTTP_PORT, LocalMesh, LocalMeshError, MESHED_NAMESPACE, POLICY_NAME, SERVICE_NAME,
-    SERVICE_PORT, SERVICE_VIP, samples,
+    SERVICE_PORT, SERVICE_VIP, Sample, samples,
 };
 
 use super::OPENED;
@@ -131,31 +131,53 @@ pub(super) async fn policy_evidence(mesh: &LocalMesh) -> Result<String, LocalMes
     Ok(out)
 }
 
-/// server1's ztunnel counts the refused connection with `response_flags="DENY"`.
+/// Both ztunnels count the refused connection with `response_flags="DENY"` (server1's as the
+/// destination that answered the CONNECT with 401, server2's as the source that got it), and
+/// server2's access log has the status.
 async fn denied_metrics(mesh: &LocalMesh) -> Result<String, LocalMeshError> {
-    let labels = [
-        ("reporter", "destination"),
-        ("source_workload", "server2"),
-        ("destination_workload", "server1"),
-        ("response_flags", "DENY"),
-    ];
+    let mut out = String::new();
+    for (node, reporter) in [("n1", "destination"), ("n2", "source")] {
+        let labels = [
+            ("reporter", reporter),
+            ("source_workload", "server2"),
+            ("destination_workload", "server1"),
+            ("response_flags", "DENY"),
+        ];
+        let s = wait_sample(mesh, node, &labels).await?;
+        let _ = writeln!(
+            out,
+            "  ztunnel {node} [reporter={reporter}] source_principal={} \
+             destination_principal={} response_flags={} connections_opened={}",
+            s.label("source_principal"),
+            s.label("destination_principal"),
+            s.label("response_flags"),
+            s.value
+        );
+    }
+    let log = mesh.ztunnel_log("n2");
+    let line = log.lines().find(|l| l.contains("status 401"));
+    let line = line.ok_or_else(|| {
+        LocalMeshError::Failed(format!("no HBONE 401 in ztunnel n2's log:\n{log}"))
+    })?;
+    let error = line.find("error=").map_or(line, |i| &line[i..]);
+    let _ = writeln!(out, "  ztunnel n2 access log: {error}");
+    Ok(out)
+}
+
+async fn wait_sample(
+    mesh: &LocalMesh,
+    node: &str,
+    labels: &[(&str, &str)],
+) -> Result<Sample, LocalMeshError> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = mesh.metrics("n1").await?;
-        if let Some(s) = samples(&text, OPENED).into_iter().find(|s| s.matches(&labels)) {
-            return Ok(format!(
-                "  ztunnel n1 [reporter=destination] source_principal={} \
-                 destination_principal={} response_flags={} connections_opened={} \
-                 (HBONE CONNECT answered 401)\n",
-                s.label("source_principal"),
-                s.label("destination_principal"),
-                s.label("response_flags"),
-                s.value
-            ));
+        let text = mesh.metrics(node).await?;
+        if let Some(s) = samples(&text, OPENED).into_iter().find(|s| s.matches(labels)) {
+            return Ok(s);
         }
         if Instant::now() > deadline {
             return Err(LocalMeshError::Failed(format!(
-                "ztunnel n1 reported no denied connection {labels:?}; metrics:\n{text}"
+                "ztunnel {node} reported no connection {labels:?}; metrics:\n{text}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
