@@ -303,7 +303,10 @@ impl LocalMesh {
 
     /// The objects as last written.
     pub fn objects(&self) -> Objects {
-        self.objects.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Changes the objects and rewrites the config directory; istiod-lite and the agents pick
@@ -327,10 +330,7 @@ impl LocalMesh {
                 pending.extend(self.unsettled_pods(name, &objects).await);
                 match self.config_dump(name).await {
                     Ok(dump) => pending.extend(observe::unsettled_workloads(
-                        name,
-                        &dump,
-                        &self.pods,
-                        &objects,
+                        name, &dump, &self.pods, &objects,
                     )),
                     Err(e) => pending.push(format!("{name}: ztunnel /config_dump: {e}")),
                 }

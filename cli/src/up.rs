@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use mesh_testbed::apps::{self, App};
 
 use crate::localmesh::{
-    self, Binaries, ECHO_PORT, HTTP_PORT, LocalMesh, LocalMeshError, MESHED_NAMESPACE,
-    POLICY_NAME, SERVICE_APP, SERVICE_NAME, SERVICE_PORT, SERVICE_VIP, Sample, samples,
+    self, Binaries, ECHO_PORT, HTTP_PORT, LocalMesh, LocalMeshError, MESHED_NAMESPACE, POLICY_NAME,
+    SERVICE_APP, SERVICE_NAME, SERVICE_PORT, SERVICE_VIP, Sample, samples,
 };
 
 pub mod service;
@@ -160,9 +160,7 @@ pub async fn evidence(mesh: &LocalMesh) -> Result<String, LocalMeshError> {
 
 /// Sends every flow and describes what the apps and the ztunnels saw.
 pub async fn run_flows(mesh: &LocalMesh) -> Result<String, LocalMeshError> {
-    let mut out = String::from(
-        "\ntraffic (TCP echo on port 8080 in server1, server2, plain):\n",
-    );
+    let mut out = String::from("\ntraffic (TCP echo on port 8080 in server1, server2, plain):\n");
     for flow in &FLOWS {
         let client = mesh.pod(flow.client)?;
         let server = mesh.pod(flow.server)?;

@@ -127,7 +127,9 @@ async fn local_mesh_with_real_agent_and_ztunnel() -> Result<()> {
     let mut mesh = LocalMesh::start(state.path(), bins, &default_layout()).await?;
     let _apps = start_apps(&mesh)?;
     // A panic (not an error return) makes the dropped mesh print every process's log.
-    scenarios(&mut mesh).await.unwrap_or_else(|e| panic!("{e:#}"));
+    scenarios(&mut mesh)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     Ok(())
 }
 
@@ -161,7 +163,9 @@ async fn config_came_over_xds(mesh: &LocalMesh) -> Result<()> {
 
 fn identity_of(dump: &serde_json::Value, pod: &str) -> String {
     let found = workload(dump, "demo", pod).map(|w| w["identity"].clone());
-    found.and_then(|i| i.as_str().map(str::to_string)).unwrap_or_default()
+    found
+        .and_then(|i| i.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 /// n1 is cut off from istiod-lite, then server2's service account changes to `impostor`: n2
@@ -183,9 +187,16 @@ async fn stale_identity_is_refused(mesh: &mut LocalMesh) -> Result<()> {
             .insert("server2".into(), "impostor".into());
     })?;
     let impostor = identity("demo", "impostor");
-    // (n2 fetches the `impostor` certificate when the first connection needs it.)
-    eventually_dump(mesh, "n2", "server2 as impostor", |d| {
+    // The agent re-enrolls server2 under its new account (ZDS), xDS brings the new identity;
+    // n2 fetches the `impostor` certificate when the first connection needs it.
+    eventually_dump(mesh, "n2", "server2 re-enrolled as impostor", |d| {
+        let pods = d["pods"].as_array().cloned().unwrap_or_default();
         identity_of(d, "server2") == impostor
+            && pods.iter().any(|p| {
+                p["name"] == "server2"
+                    && p["service_account"] == "impostor"
+                    && p["state"] == "running"
+            })
     })
     .await?;
     let server = identity("demo", "server");
@@ -412,7 +423,10 @@ async fn label_and_unlabel(mesh: &LocalMesh) -> Result<()> {
     // Unlabelled: plain TCP workloads, nothing enrolled, traffic unseen by either ztunnel.
     expect_workloads(mesh, &[], &meshed).await?;
     roundtrip(mesh, "client1", "server2").await?;
-    ensure!(total_opened(mesh).await? == 0, "ztunnel saw unmeshed traffic");
+    ensure!(
+        total_opened(mesh).await? == 0,
+        "ztunnel saw unmeshed traffic"
+    );
 
     mesh.update_objects(|o| o.ambient = true)?;
     mesh.wait_settled().await?;
@@ -492,7 +506,10 @@ async fn expect_enrolled(
         let node = &mesh.pod(pod)?.spec.node;
         let want = pods.contains(pod).then_some(*netns);
         let seen = dump_inode(mesh, node, pod).await?;
-        ensure!(seen == want, "{pod} on {node}: enrolled {seen:?}, want {want:?}");
+        ensure!(
+            seen == want,
+            "{pod} on {node}: enrolled {seen:?}, want {want:?}"
+        );
     }
     Ok(())
 }

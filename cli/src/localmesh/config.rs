@@ -315,19 +315,28 @@ mod tests {
         let a = workload(&t, "demo", "a");
         assert_eq!(a.tunnel_protocol, TunnelProtocol::Hbone as i32);
         assert_eq!(a.status, WorkloadStatus::Healthy as i32);
-        assert_eq!((a.node.as_str(), a.canonical_revision.as_str()), ("n1", "v1"));
+        assert_eq!(
+            (a.node.as_str(), a.canonical_revision.as_str()),
+            ("n1", "v1")
+        );
         assert_eq!(a.locality.unwrap().zone, "local-1");
         // The service's named target port resolves to the container port on each endpoint.
         let key = format!("demo/{SERVICE_NAME}.demo.svc.cluster.local");
         let ports = &a.services[&key].ports[0];
         assert_eq!((ports.service_port, ports.target_port), (80, 8000));
         let b = workload(&t, "demo", "b");
-        assert_eq!((b.service_account.as_str(), b.node.as_str()), ("other", "n2"));
+        assert_eq!(
+            (b.service_account.as_str(), b.node.as_str()),
+            ("other", "n2")
+        );
         assert!(b.services.contains_key(&key));
         let c = workload(&t, "legacy", "c");
         assert_eq!(c.tunnel_protocol, TunnelProtocol::None as i32);
         assert!(t.addresses.contains_key(&key));
-        assert!(t.authorizations.contains_key(&format!("demo/{POLICY_NAME}")));
+        assert!(
+            t.authorizations
+                .contains_key(&format!("demo/{POLICY_NAME}"))
+        );
 
         objects.opted_out.insert("a".into());
         objects.policy = false;

@@ -35,7 +35,15 @@ pub async fn start(
     let fabric = cluster.fabric_netns();
     run(
         "ip",
-        &["-n", fabric, "addr", "add", &format!("{CA_IP}/24"), "dev", "fab0"],
+        &[
+            "-n",
+            fabric,
+            "addr",
+            "add",
+            &format!("{CA_IP}/24"),
+            "dev",
+            "fab0",
+        ],
     )
     .map_err(|e| LocalMeshError::Failed(format!("cannot address fab0: {e}")))?;
     let tokens = dir.join("tokens.yaml");

@@ -48,9 +48,16 @@ pub fn unsettled_workloads(
             )),
             None => pending.push(format!("{node} ztunnel: no workload {}", spec.name)),
         }
-        let enrolled = dump["pods"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["name"] == spec.name.as_str()));
+        // Enrolled by the agent (ZDS) under the current service account: a changed account
+        // makes the agent re-enroll the pod.
+        let account = objects.service_account(spec);
+        let enrolled = dump["pods"].as_array().is_some_and(|p| {
+            p.iter().any(|p| {
+                p["name"] == spec.name.as_str()
+                    && p["service_account"] == account
+                    && p["state"] == "running"
+            })
+        });
         if spec.node == node && objects.captures(spec) && !enrolled {
             pending.push(format!("{node} ztunnel: pod {} not enrolled", spec.name));
         }
@@ -113,7 +120,11 @@ impl fmt::Display for XdsSummary {
         } else {
             "DISCONNECTED"
         };
-        write!(f, "xds {} {state} (streams {})", self.address, self.connections)?;
+        write!(
+            f,
+            "xds {} {state} (streams {})",
+            self.address, self.connections
+        )?;
         for (short, count, acked, nonce) in &self.types {
             let ack = if *acked { "ACKed" } else { "NACKed" };
             write!(f, "; {short}: {count} resources, last {ack} nonce {nonce}")?;
@@ -143,7 +154,8 @@ mod tests {
         json!({
             "workloads": [{"name": "a", "namespace": "demo", "protocol": protocol,
                            "identity": identity}],
-            "pods": pods.iter().map(|p| json!({"name": p})).collect::<Vec<_>>(),
+            "pods": pods.iter().map(|p| json!({"name": p, "service_account": "sa",
+                                               "state": "running"})).collect::<Vec<_>>(),
         })
     }
 
@@ -165,6 +177,8 @@ mod tests {
         objects.service_accounts.insert("a".into(), "x".into());
         let wrong = unsettled_workloads("n1", &dump("HBONE", id, &["a"]), &pods, &objects);
         assert!(wrong[0].contains("sa/x"), "{wrong:?}");
+        // The ZDS entry still has the old account: not re-enrolled yet.
+        assert_eq!(wrong[1], "n1 ztunnel: pod a not enrolled");
         let none = unsettled_workloads("n1", &json!({}), &pods, &objects);
         assert_eq!(none[0], "n1 ztunnel: no workload a");
     }
@@ -173,12 +187,12 @@ mod tests {
     fn xds_summary_reads_the_dump() {
         assert_eq!(XdsSummary::from_dump(&json!({"xds": null})), None);
         let dump = json!({"xds": {
-            "address": "https://x:15012", "connected": true, "connections": 1,
-            "types": {
-                TYPES[0].1: {"versions": {"a": "1", "b": "2"}, "last_acked": true,
-                             "last_acked_nonce": "n7"},
-                TYPES[1].1: {"versions": {}, "last_acked": true, "last_acked_nonce": "n8"},
-            }}});
+        "address": "https://x:15012", "connected": true, "connections": 1,
+        "types": {
+            TYPES[0].1: {"versions": {"a": "1", "b": "2"}, "last_acked": true,
+                         "last_acked_nonce": "n7"},
+            TYPES[1].1: {"versions": {}, "last_acked": true, "last_acked_nonce": "n8"},
+        }}});
         let s = XdsSummary::from_dump(&dump).unwrap();
         assert_eq!((s.count("address"), s.count("authorization")), (2, 0));
         assert!(s.all_acked() && s.connected);

@@ -124,7 +124,10 @@ pub(super) async fn policy_evidence(mesh: &LocalMesh) -> Result<String, LocalMes
             )));
         }
         Err(e) => {
-            let _ = writeln!(out, "  server2 (sa/server) -> server1 {server1}: refused ({e})");
+            let _ = writeln!(
+                out,
+                "  server2 (sa/server) -> server1 {server1}: refused ({e})"
+            );
         }
     }
     out.push_str(&denied_metrics(mesh).await?);
@@ -172,7 +175,10 @@ async fn wait_sample(
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = mesh.metrics(node).await?;
-        if let Some(s) = samples(&text, OPENED).into_iter().find(|s| s.matches(labels)) {
+        if let Some(s) = samples(&text, OPENED)
+            .into_iter()
+            .find(|s| s.matches(labels))
+        {
             return Ok(s);
         }
         if Instant::now() > deadline {

@@ -104,7 +104,10 @@ mod tests {
                           "scope": "WorkloadSelector", "rules": [[], []]}],
         });
         let text = describe(&dump);
-        assert!(text.contains("workload s1       node n1 HBONE spiffe://x"), "{text}");
+        assert!(
+            text.contains("workload s1       node n1 HBONE spiffe://x"),
+            "{text}"
+        );
         assert!(
             text.contains("vip 10.96.0.10 ports {\"80\":0} endpoints s1 (n1)\n"),
             "{text}"
