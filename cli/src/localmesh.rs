@@ -1,17 +1,23 @@
 //! A local zmesh cluster on the netns testbed, run with the real binaries.
 //!
 //! * nodes and pods are network namespaces ([`mesh_testbed::Cluster`], prefix `zmesh`);
-//! * `istiod-lite` (the CA) runs in the fabric namespace on [`CA_IP`], reachable from every
-//!   node's underlay address, like an off-node control plane;
-//! * per node, `zmesh-cni` (the node agent) reads a Kubernetes YAML config dir, captures the
-//!   pods of the ambient namespace and hands them to that node's `ztunnel` over ZDS; both are
-//!   child processes started inside the node's namespace.
+//! * the cluster's objects (Nodes, Namespaces, ServiceAccounts, Pods, a Service, an
+//!   AuthorizationPolicy) are Kubernetes YAML in `STATE_DIR/<cluster>/config/`, rewritten when a
+//!   test or an operator changes them ([`Objects`]);
+//! * `istiod-lite` (CA and xDS) runs in the fabric namespace on [`CA_IP`], reachable from every
+//!   node's underlay address, like an off-node control plane; it watches that directory and
+//!   pushes workloads, services and policies to every ztunnel over delta xDS;
+//! * per node, `zmesh-cni` (the node agent) watches the same directory, captures the pods of the
+//!   ambient namespace and hands them to that node's `ztunnel` over ZDS; both are child
+//!   processes started inside the node's namespace.
 //!
 //! Everything lives in `STATE_DIR/<cluster>/` (configs, logs, the pidfile `zmesh down` reads).
 //! Dropping a [`LocalMesh`] kills its processes, deletes its namespaces and that directory.
 
 mod config;
+mod control_plane;
 mod metrics;
+mod observe;
 mod process;
 
 use std::collections::BTreeMap;
@@ -19,22 +25,25 @@ use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use mesh_testbed::apps::{self, AppError, HttpReply};
-use mesh_testbed::{Cluster, NetnsError, Node, Pod, TestbedError, netns};
+use mesh_testbed::{Cluster, NetnsError, Node, Pod, TestbedError};
 
 pub use config::{
-    MESHED_NAMESPACE, PLAIN_NAMESPACE, PlacedPod, PodSpec, ZTUNNEL_IDENTITY, identity,
+    ECHO_PORT, HTTP_PORT, MESHED_NAMESPACE, Objects, PLAIN_NAMESPACE, POLICY_NAME, PlacedPod,
+    PodSpec, SERVICE_APP, SERVICE_NAME, SERVICE_PORT, SERVICE_VIP, ZTUNNEL_IDENTITY, identity,
 };
 pub use metrics::{Sample, metric, samples};
+pub use observe::{XdsSummary, workload};
 pub use process::{Binaries, Proc};
 
 /// Prefix of every namespace a local cluster creates (`zmesh down` deletes them).
 pub const NETNS_PREFIX: &str = "zmesh";
-/// Where the CA listens: an address on the fabric bridge.
+/// Where istiod-lite (CA and xDS) listens: an address on the fabric bridge.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 254);
-/// The CA port (istiod's).
+/// istiod's port: CA and xDS.
 pub const CA_PORT: u16 = 15012;
 /// ztunnel's admin address inside its node's namespace.
 pub const ZTUNNEL_ADMIN: SocketAddr =
@@ -106,18 +115,32 @@ impl LocalMeshError {
 
 type Result<T, E = LocalMeshError> = std::result::Result<T, E>;
 
+/// What a local cluster is made of: node names, pods, and the objects' initial state.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Node names.
+    pub nodes: Vec<String>,
+    /// Pods, each on one of the nodes.
+    pub pods: Vec<PodSpec>,
+    /// Namespace label, opt-outs, service accounts, policy at start.
+    pub objects: Objects,
+}
+
 /// The default layout: nodes `n1`, `n2`; a `client` and a `server` pod per node in the ambient
-/// namespace; one unmeshed pod `plain` on `n2`.
-pub fn default_layout() -> (Vec<String>, Vec<PodSpec>) {
-    let nodes = vec!["n1".to_string(), "n2".to_string()];
-    let pods = vec![
-        PodSpec::new("client1", "n1", "client", true),
-        PodSpec::new("server1", "n1", "server", true),
-        PodSpec::new("client2", "n2", "client", true),
-        PodSpec::new("server2", "n2", "server", true),
-        PodSpec::new("plain", "n2", "plain", false),
-    ];
-    (nodes, pods)
+/// namespace (the servers, `app: server` in versions v1 and v2, back the [`SERVICE_NAME`]
+/// Service); one unmeshed pod `plain` on `n2`; the [`POLICY_NAME`] policy in place.
+pub fn default_layout() -> Layout {
+    Layout {
+        nodes: vec!["n1".to_string(), "n2".to_string()],
+        pods: vec![
+            PodSpec::new("client1", "n1", "client", true),
+            PodSpec::new("server1", "n1", "server", true),
+            PodSpec::new("client2", "n2", "client", true),
+            PodSpec::new("server2", "n2", "server", true).with_version("v2"),
+            PodSpec::new("plain", "n2", "plain", false),
+        ],
+        objects: Objects::default(),
+    }
 }
 
 struct MeshNode {
@@ -133,7 +156,9 @@ pub struct LocalMesh {
     nodes: BTreeMap<String, MeshNode>,
     ca: Proc,
     cluster: Cluster,
+    node_names: Vec<String>,
     pods: Vec<PlacedPod>,
+    objects: Mutex<Objects>,
     testbed_pods: BTreeMap<String, Pod>,
     dir: PathBuf,
     bins: Binaries,
@@ -141,38 +166,37 @@ pub struct LocalMesh {
 }
 
 impl LocalMesh {
-    /// Builds the namespaces, writes the configs, starts the CA, and per node the agent and
-    /// ztunnel; returns once every ztunnel is ready and every meshed pod is enrolled.
-    pub async fn start(
-        state_dir: &Path,
-        bins: Binaries,
-        nodes: &[String],
-        pods: &[PodSpec],
-    ) -> Result<Self> {
+    /// Builds the namespaces, writes the objects, starts istiod-lite, and per node the agent and
+    /// ztunnel; returns once every ztunnel is ready (xDS received) and the mesh reflects the
+    /// objects ([`LocalMesh::wait_settled`]).
+    pub async fn start(state_dir: &Path, bins: Binaries, layout: &Layout) -> Result<Self> {
         let cluster = Cluster::new(NETNS_PREFIX)?;
         let dir = state_dir.join(cluster.base_name());
-        std::fs::create_dir_all(dir.join("config"))
-            .map_err(|e| LocalMeshError::io(format!("creating {}", dir.display()), e))?;
-        let (testbed_nodes, placed, testbed_pods) = place(&cluster, nodes, pods)?;
-        let ca = start_ca(&cluster, &dir, &bins, nodes, &placed).await?;
+        mkdir(&dir.join("config"))?;
+        let (testbed_nodes, placed, testbed_pods) = place(&cluster, &layout.nodes, &layout.pods)?;
+        let objects = layout.objects.clone();
+        let yaml = config::cluster_yaml(&layout.nodes, &placed, &objects);
+        write_atomic(&dir.join("config").join("cluster.yaml"), &yaml)?;
+        let ca = control_plane::start(&cluster, &dir, &bins, &layout.nodes).await?;
         let mut mesh = Self {
             nodes: BTreeMap::new(),
             ca,
             cluster,
+            node_names: layout.nodes.clone(),
             pods: placed,
+            objects: Mutex::new(objects),
             testbed_pods,
             dir,
             bins,
             keep_dir: false,
         };
-        mesh.write_agent_config(true)?;
         for node in testbed_nodes {
             mesh.start_node(node)?;
         }
-        for name in nodes {
+        for name in &layout.nodes {
             mesh.start_ztunnel(name).await?;
         }
-        mesh.wait_enrolled(true).await?;
+        mesh.wait_settled().await?;
         Ok(mesh)
     }
 
@@ -180,10 +204,6 @@ impl LocalMesh {
         let name = node.name().to_string();
         let ndir = self.dir.join(&name);
         mkdir(&ndir)?;
-        write_atomic(
-            &ndir.join("workloads.yaml"),
-            &config::ztunnel_config(&self.pods, &[]),
-        )?;
         let mut cmd = Command::new(&self.bins.cni);
         cmd.arg("--config-dir").arg(self.dir.join("config"));
         cmd.args(["--node-name", &name]);
@@ -211,21 +231,28 @@ impl LocalMesh {
         Ok(())
     }
 
-    /// Starts (or restarts after [`LocalMesh::kill_ztunnel`]) the node's ztunnel and waits until
-    /// it is ready (connected to its agent and reconciled the snapshot).
+    /// Starts (or restarts after [`LocalMesh::kill_ztunnel`]) the node's ztunnel, configured
+    /// over xDS by istiod-lite, and waits until it is ready (first xDS response of each type
+    /// applied, connected to its agent and reconciled the pod snapshot).
     pub async fn start_ztunnel(&mut self, node: &str) -> Result<()> {
         let ndir = self.dir.join(node);
+        let root = self.root_cert();
         let mut cmd = Command::new(&self.bins.ztunnel);
-        cmd.arg("--local-config").arg(ndir.join("workloads.yaml"));
-        cmd.args(["--local-config-poll", "200ms", "--node-name", node]);
+        cmd.args(["--xds-address", &control_plane::url()]);
+        cmd.arg("--xds-root").arg(&root);
+        cmd.args(["--node-name", node]);
         cmd.arg("--zds-socket").arg(ndir.join("zds.sock"));
-        cmd.args(["--ca-address", &format!("https://{CA_IP}:{CA_PORT}")]);
-        cmd.arg("--ca-root").arg(self.root_cert());
+        cmd.args(["--ca-address", &control_plane::url()]);
+        cmd.arg("--ca-root").arg(&root);
         cmd.args(["--token", &config::node_token(node)]);
         cmd.args(["--admin-addr", &ZTUNNEL_ADMIN.to_string()]);
         cmd.args(["--drain-timeout", &format!("{}ms", DRAIN.as_millis())]);
         let pidfile = self.pidfile();
         let entry = self.node_mut(node)?;
+        // The downward-API variables a ztunnel DaemonSet pod gets: they form its xDS node id.
+        cmd.env("POD_NAME", format!("ztunnel-{node}"));
+        cmd.env("POD_NAMESPACE", "istio-system");
+        cmd.env("INSTANCE_IP", entry.node.ip().to_string());
         entry.ztunnel_starts += 1;
         let log = ndir.join(format!("ztunnel.{}.log", entry.ztunnel_starts));
         let ns = entry.node.open_netns()?;
@@ -268,67 +295,96 @@ impl LocalMesh {
         }
     }
 
-    /// Waits until the agents report every meshed pod `enabled` (`true`) or no pod enrolled.
-    pub async fn wait_enrolled(&self, enrolled: bool) -> Result<()> {
+    /// While `cut`, everything istiod-lite sends to `node` is dropped (an nftables rule in the
+    /// node's namespace): its ztunnel keeps serving its last config. `false` removes the rule.
+    pub fn partition(&self, node: &str, cut: bool) -> Result<()> {
+        control_plane::partition(self.node(node)?.netns_name(), cut)
+    }
+
+    /// The objects as last written.
+    pub fn objects(&self) -> Objects {
+        self.objects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Changes the objects and rewrites the config directory; istiod-lite and the agents pick
+    /// the change up on their next poll (see [`LocalMesh::wait_settled`]).
+    pub fn update_objects(&self, change: impl FnOnce(&mut Objects)) -> Result<()> {
+        let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut objects);
+        let yaml = config::cluster_yaml(&self.node_names, &self.pods, &objects);
+        write_atomic(&self.dir.join("config").join("cluster.yaml"), &yaml)
+    }
+
+    /// Waits until the whole mesh reflects the objects: every agent enrolled exactly the pods
+    /// they put in the mesh, and every ztunnel (over xDS) holds each pod's workload with the
+    /// right identity and tunnel protocol (HBONE for pods in the mesh, TCP for the others).
+    pub async fn wait_settled(&self) -> Result<()> {
         let deadline = Instant::now() + STARTUP;
         loop {
+            let objects = self.objects();
             let mut pending = Vec::new();
             for name in self.nodes.keys() {
-                pending.extend(self.unsettled_pods(name, enrolled).await?);
+                pending.extend(self.unsettled_pods(name, &objects).await);
+                match self.config_dump(name).await {
+                    Ok(dump) => pending.extend(observe::unsettled_workloads(
+                        name, &dump, &self.pods, &objects,
+                    )),
+                    Err(e) => pending.push(format!("{name}: ztunnel /config_dump: {e}")),
+                }
             }
             if pending.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(LocalMeshError::Timeout {
-                    what: format!("enrollment = {enrolled}"),
+                    what: "the mesh to reflect the objects".into(),
                     timeout: STARTUP,
-                    detail: format!("pods not there yet: {pending:?}"),
+                    detail: format!("still different: {pending:#?}"),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    async fn unsettled_pods(&self, node: &str, enrolled: bool) -> Result<Vec<String>> {
+    async fn unsettled_pods(&self, node: &str, objects: &Objects) -> Vec<String> {
         let status = match self.agent_status(node).await {
             Ok(s) => s,
-            Err(e) => return Ok(vec![format!("{node}: agent status: {e}")]),
+            Err(e) => return vec![format!("{node}: agent status: {e}")],
         };
         let pods = status["pods"].as_array().cloned().unwrap_or_default();
         let mut pending = Vec::new();
         for pod in self.pods.iter().filter(|p| p.spec.node == node) {
-            let want = enrolled && pod.spec.meshed;
+            let want = objects.captures(&pod.spec);
             let seen = pods.iter().find(|p| p["name"] == pod.spec.name.as_str());
             let enabled = seen.is_some_and(|p| p["redirection"] == "enabled");
             let gone = seen.is_none_or(|p| p["redirection"].is_null());
             if (want && !enabled) || (!want && !gone) {
                 pending.push(format!(
-                    "{}: {}",
+                    "{node} agent: {}: {}",
                     pod.spec.name,
                     seen.cloned().unwrap_or_default()
                 ));
             }
         }
-        Ok(pending)
-    }
-
-    /// Rewrites the agent's config with the ambient label on the meshed namespace or not.
-    pub fn write_agent_config(&self, ambient: bool) -> Result<()> {
-        let path = self.dir.join("config").join("cluster.yaml");
-        write_atomic(&path, &config::agent_config(&self.pods, ambient))
-    }
-
-    /// Rewrites `node`'s ztunnel config, giving the listed pods another service account.
-    pub fn write_ztunnel_config(&self, node: &str, overrides: &[(&str, &str)]) -> Result<()> {
-        let path = self.dir.join(node).join("workloads.yaml");
-        write_atomic(&path, &config::ztunnel_config(&self.pods, overrides))
+        pending
     }
 
     /// GET on the node's ztunnel admin server.
     pub async fn ztunnel_admin(&self, node: &str, path: &str) -> Result<HttpReply> {
         let ns = self.node(node)?.open_netns()?;
         Ok(apps::http_get(&ns, ZTUNNEL_ADMIN, path).await?)
+    }
+
+    /// The node's ztunnel `/config_dump` (workloads, services, policies, pods, certificates,
+    /// xDS state).
+    pub async fn config_dump(&self, node: &str) -> Result<serde_json::Value> {
+        let reply = self.ztunnel_admin(node, "/config_dump").await?;
+        serde_json::from_str(&reply.body).map_err(|e| {
+            LocalMeshError::Failed(format!("{node}: ztunnel /config_dump is not JSON: {e}"))
+        })
     }
 
     /// The node's ztunnel metrics (Prometheus text).
@@ -451,7 +507,7 @@ impl LocalMesh {
         self.dir.join("root-cert.pem")
     }
 
-    /// Stops ztunnels (graceful), agents and the CA, then deletes the namespaces.
+    /// Stops ztunnels (graceful), agents and istiod-lite, then deletes the namespaces.
     pub fn shutdown(mut self) {
         for node in self.nodes.values_mut() {
             if let Some(zt) = node.ztunnel.as_mut() {
@@ -505,66 +561,6 @@ fn place(cluster: &Cluster, nodes: &[String], pods: &[PodSpec]) -> Result<Placem
         testbed_pods.insert(spec.name.clone(), pod);
     }
     Ok((testbed_nodes, placed, testbed_pods))
-}
-
-async fn start_ca(
-    cluster: &Cluster,
-    dir: &Path,
-    bins: &Binaries,
-    nodes: &[String],
-    pods: &[PlacedPod],
-) -> Result<Proc> {
-    let fabric = cluster.fabric_netns();
-    let out = Command::new("ip")
-        .args([
-            "-n",
-            fabric,
-            "addr",
-            "add",
-            &format!("{CA_IP}/24"),
-            "dev",
-            "fab0",
-        ])
-        .output()
-        .map_err(|e| LocalMeshError::io("running ip", e))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(LocalMeshError::Failed(format!(
-            "cannot address fab0: {stderr}"
-        )));
-    }
-    let tokens = dir.join("tokens.yaml");
-    write_atomic(&tokens, &config::tokens_file(nodes, pods))?;
-    let mut cmd = Command::new(&bins.istiod);
-    cmd.env("ISTIOD_GRPC_ADDR", format!("{CA_IP}:{CA_PORT}"));
-    cmd.env("ISTIOD_SERVING_IPS", CA_IP.to_string());
-    cmd.env("ISTIOD_CA_DIR", dir.join("ca"));
-    cmd.env("ISTIOD_ROOT_CERT_OUT", dir.join("root-cert.pem"));
-    cmd.env("ISTIOD_TOKENS_FILE", &tokens);
-    let fabric_ns = netns::open(&PathBuf::from(netns::NETNS_RUN_DIR).join(fabric))?;
-    let log = dir.join("istiod-lite.log");
-    let mut ca = Proc::spawn("istiod-lite", cmd, &fabric_ns, &log, &dir.join("pids"))?;
-    wait_ca(&mut ca, &fabric_ns, &dir.join("root-cert.pem")).await?;
-    Ok(ca)
-}
-
-async fn wait_ca(ca: &mut Proc, fabric: &File, root: &Path) -> Result<()> {
-    let deadline = Instant::now() + STARTUP;
-    let addr = SocketAddr::from((CA_IP, CA_PORT));
-    loop {
-        if root.exists() && apps::connect(fabric, addr).await.is_ok() {
-            return Ok(());
-        }
-        let exited = ca.exited();
-        if exited.is_some() || Instant::now() > deadline {
-            return Err(LocalMeshError::Timeout {
-                what: "istiod-lite".into(),
-                timeout: STARTUP,
-                detail: format!("exit status {exited:?}; log:\n{}", ca.log()),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn mkdir(dir: &Path) -> Result<()> {
@@ -646,15 +642,19 @@ mod tests {
     }
 
     #[test]
-    fn default_layout_has_meshed_pods_on_both_nodes_and_one_plain_pod() {
-        let (nodes, pods) = default_layout();
+    fn default_layout_has_meshed_pods_and_service_endpoints_on_both_nodes() {
+        let Layout {
+            nodes,
+            pods,
+            objects,
+        } = default_layout();
         assert_eq!(nodes, ["n1", "n2"]);
         for node in &nodes {
-            assert_eq!(
-                pods.iter().filter(|p| &p.node == node && p.meshed).count(),
-                2
-            );
+            let on_node = pods.iter().filter(|p| &p.node == node);
+            assert_eq!(on_node.clone().filter(|p| p.meshed).count(), 2);
+            assert_eq!(on_node.filter(|p| p.app == SERVICE_APP).count(), 1);
         }
         assert_eq!(pods.iter().filter(|p| !p.meshed).count(), 1);
+        assert!(objects.ambient && objects.policy);
     }
 }

@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 
 use mesh_testbed::apps::{self, App};
 
-use crate::localmesh::{self, Binaries, LocalMesh, LocalMeshError, Sample, samples};
+use crate::localmesh::{
+    self, Binaries, ECHO_PORT, HTTP_PORT, LocalMesh, LocalMeshError, MESHED_NAMESPACE, POLICY_NAME,
+    SERVICE_APP, SERVICE_NAME, SERVICE_PORT, SERVICE_VIP, Sample, samples,
+};
 
-/// The port of the echo apps in the server pods.
-pub const APP_PORT: u16 = 8080;
+pub mod service;
+mod xds;
+
 const OPENED: &str = "istio_tcp_connections_opened_total";
 const RECEIVED: &str = "istio_tcp_received_bytes_total";
 const SENT: &str = "istio_tcp_sent_bytes_total";
@@ -77,32 +81,18 @@ const FLOWS: [Flow; 4] = [
 /// Runs `zmesh up`.
 pub async fn up(args: UpArgs) -> Result<(), LocalMeshError> {
     let bins = Binaries::locate(args.ztunnel_bin, args.cni_bin, args.istiod_bin)?;
-    let (nodes, pods) = localmesh::default_layout();
+    let layout = localmesh::default_layout();
     println!(
-        "starting a local cluster: nodes {}, CA istiod-lite on {}:{}",
-        nodes.join(", "),
+        "starting a local cluster: nodes {}; istiod-lite (CA + delta xDS) on {}:{}",
+        layout.nodes.join(", "),
         localmesh::CA_IP,
         localmesh::CA_PORT
     );
-    let mut mesh = LocalMesh::start(&args.state_dir, bins, &nodes, &pods).await?;
+    let mut mesh = LocalMesh::start(&args.state_dir, bins, &layout).await?;
     mesh.record_supervisor("zmesh up")?;
-    for pod in mesh.pods() {
-        let mode = if pod.spec.meshed {
-            "ambient (captured)"
-        } else {
-            "not meshed"
-        };
-        println!(
-            "  pod {:<8} {:<15} node {} ns {}/{} — {mode}",
-            pod.spec.name,
-            pod.ip,
-            pod.spec.node,
-            pod.spec.namespace(),
-            pod.spec.service_account
-        );
-    }
+    print_layout(&mesh);
     let _apps = start_apps(&mesh)?;
-    let report = run_flows(&mesh).await;
+    let report = evidence(&mesh).await;
     match &report {
         Ok(text) => print!("{text}"),
         Err(e) => eprintln!("flows failed: {e}"),
@@ -115,16 +105,57 @@ pub async fn up(args: UpArgs) -> Result<(), LocalMeshError> {
     report.map(|_| ())
 }
 
+fn print_layout(mesh: &LocalMesh) {
+    println!(
+        "objects (Kubernetes YAML served by istiod-lite, watched by the node agents): {}",
+        mesh.dir().join("config").join("cluster.yaml").display()
+    );
+    let objects = mesh.objects();
+    for pod in mesh.pods() {
+        let mode = if objects.captures(&pod.spec) {
+            "ambient (captured)"
+        } else {
+            "not meshed"
+        };
+        println!(
+            "  pod {:<8} {:<15} node {} ns {} sa {} app={} version={} — {mode}",
+            pod.spec.name,
+            pod.ip,
+            pod.spec.node,
+            pod.spec.namespace(),
+            pod.spec.service_account,
+            pod.spec.app,
+            pod.spec.version,
+        );
+    }
+    println!(
+        "  service {SERVICE_NAME}.{MESHED_NAMESPACE} {SERVICE_VIP}:{SERVICE_PORT} -> port \
+         \"http\" ({HTTP_PORT}) of app={SERVICE_APP}; AuthorizationPolicy {POLICY_NAME}: \
+         port {HTTP_PORT} only from sa/client, port {ECHO_PORT} from anyone"
+    );
+}
+
 fn start_apps(mesh: &LocalMesh) -> Result<Vec<App>, LocalMeshError> {
     let mut started = Vec::new();
     for name in ["server1", "server2", "plain"] {
         let ns = mesh.pod_netns(name)?;
-        started.push(apps::start_echo(
-            &ns,
-            SocketAddr::from(([0, 0, 0, 0], APP_PORT)),
-        )?);
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        started.push(apps::start_echo(&ns, any(ECHO_PORT))?);
+        if name != "plain" {
+            started.push(apps::start_http(&ns, any(HTTP_PORT), name)?);
+        }
     }
     Ok(started)
+}
+
+/// Everything `zmesh up` shows: the config each ztunnel got over xDS, the flows with their
+/// identities, load balancing over the Service VIP, and the policy at work.
+pub async fn evidence(mesh: &LocalMesh) -> Result<String, LocalMeshError> {
+    let mut out = xds::config_evidence(mesh).await?;
+    out.push_str(&run_flows(mesh).await?);
+    out.push_str(&service::vip_evidence(mesh).await?);
+    out.push_str(&service::policy_evidence(mesh).await?);
+    Ok(out)
 }
 
 /// Sends every flow and describes what the apps and the ztunnels saw.
@@ -134,7 +165,7 @@ pub async fn run_flows(mesh: &LocalMesh) -> Result<String, LocalMeshError> {
         let client = mesh.pod(flow.client)?;
         let server = mesh.pod(flow.server)?;
         let payload = format!("hello from {} to {}", flow.client, flow.server);
-        let dst = SocketAddr::from((server.ip, APP_PORT));
+        let dst = SocketAddr::from((server.ip, ECHO_PORT));
         let ns = mesh.pod_netns(flow.client)?;
         let reply = apps::echo_roundtrip(&ns, dst, payload.as_bytes())
             .await

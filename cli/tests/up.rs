@@ -29,7 +29,7 @@ fn netns_list() -> String {
 }
 
 #[test]
-fn up_once_shows_mutual_tls_and_identities() {
+fn up_once_shows_xds_config_mutual_tls_load_balancing_and_policy() {
     if !require_netns_tools(&["nft"]) {
         return;
     }
@@ -57,9 +57,29 @@ fn up_once_shows_mutual_tls_and_identities() {
         "the server app saw the client as 10.100.2.11:",
         "connection_security_policy=unknown (passed through as plain TCP)",
         "ztunnel n2 [reporter=destination]",
+        // Config over xDS, both types ACKed on both nodes.
+        "ztunnel n1: xds https://10.99.0.254:15012 connected (streams 1); address: 6 resources, \
+         last ACKed",
+        "ztunnel n2: xds https://10.99.0.254:15012 connected (streams 1); address: 6 resources, \
+         last ACKed",
+        "authorization: 1 resources, last ACKed",
+        "workload plain    node n2 TCP   spiffe://cluster.local/ns/legacy/sa/plain",
+        "vip 10.96.0.10 ports {\"80\":0} endpoints server1 (n1), server2 (n2)",
+        "policy   demo/web-clients-only Allow",
+        // The VIP spread over both nodes.
+        "server1 (node n1) ",
+        "server2 (node n2) ",
+        "destination_service=web.demo.svc.cluster.local destination_workload=server2",
+        // One allowed, one denied connection.
+        "client2 (sa/client) -> server1 10.100.1.12:8000: allowed, answered by server1",
+        "server2 (sa/server) -> server1 10.100.1.12:8000: refused",
+        "ztunnel n1 [reporter=destination] source_principal=spiffe://cluster.local/ns/demo/sa/server \
+         destination_principal=spiffe://cluster.local/ns/demo/sa/server response_flags=DENY",
+        "refused CONNECT with status 401 Unauthorized",
     ] {
         assert!(stdout.contains(seen), "missing {seen:?} in\n{stdout}");
     }
+    assert_eq!(stdout.matches(" HBONE spiffe://").count(), 8, "{stdout}");
     assert!(!netns_list().contains("zmesh-"), "namespaces left behind");
     let left: Vec<_> = std::fs::read_dir(state.path()).unwrap().collect();
     assert!(left.is_empty(), "state left behind: {left:?}");
