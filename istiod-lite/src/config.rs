@@ -48,6 +48,8 @@ pub const XDS_DEBOUNCE: &str = "ISTIOD_XDS_DEBOUNCE";
 pub const XDS_MAX_DEBOUNCE: &str = "ISTIOD_XDS_MAX_DEBOUNCE";
 /// How long a proxy may leave an xDS response unacknowledged before its stream is closed.
 pub const XDS_ACK_TIMEOUT: &str = "ISTIOD_XDS_ACK_TIMEOUT";
+/// Address of the monitoring server (`/metrics`, `/ready`); empty disables it.
+pub const MONITORING_ADDR: &str = "ISTIOD_MONITORING_ADDR";
 /// Where Kubernetes objects come from: `dir` (a directory of YAML, [`CONFIG_DIR`]), `kube` (the
 /// API server, from kubeconfig or the in-cluster service account) or `none` (CA only, no xDS
 /// resources). Default: `dir` when [`CONFIG_DIR`] is set, else `none`.
@@ -374,6 +376,21 @@ fn xds_config(source: &impl Source) -> Result<XdsConfig, ConfigError> {
         )));
     }
     Ok(xds)
+}
+
+/// The monitoring address (`None` when set to empty). Read separately from [`Config`] because the
+/// binary binds it before building the rest.
+pub fn monitoring_addr(source: &impl Source) -> Result<Option<SocketAddr>, ConfigError> {
+    match source.get(MONITORING_ADDR) {
+        Some(v) if v.trim().is_empty() => Ok(None),
+        Some(v) => parse_value(
+            MONITORING_ADDR,
+            &v,
+            "expected host:port, e.g. 0.0.0.0:15014",
+        )
+        .map(Some),
+        None => Ok(Some(SocketAddr::from(([127, 0, 0, 1], 15014)))),
+    }
 }
 
 fn source_config(source: &impl Source) -> Result<SourceConfig, ConfigError> {

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod config;
 pub mod grpc;
 pub mod metrics;
+pub mod monitoring;
 pub mod serving_cert;
 pub mod source;
 pub mod translate;

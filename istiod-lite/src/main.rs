@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use istiod_lite::app;
 use istiod_lite::config::{self, Config, EnvSource, Layered, LogConfig};
+use istiod_lite::monitoring;
 
 /// zmesh control plane: SPIFFE certificate authority. Every flag can also be set with the
 /// environment variable in brackets; flags win.
@@ -70,6 +71,9 @@ struct Args {
     /// Istio root namespace [ISTIOD_ROOT_NAMESPACE, istio-system].
     #[arg(long)]
     root_namespace: Option<String>,
+    /// Monitoring address serving /metrics; empty disables [ISTIOD_MONITORING_ADDR, 127.0.0.1:15014].
+    #[arg(long)]
+    monitoring_addr: Option<String>,
     /// Log filter, e.g. info or istiod_lite=debug [ISTIOD_LOG].
     #[arg(long)]
     log: Option<String>,
@@ -101,6 +105,7 @@ impl Args {
             (config::CLUSTER_ID, self.cluster_id),
             (config::DRAIN_TIMEOUT, self.drain_timeout),
             (config::CONFIG_SOURCE, self.config_source),
+            (config::MONITORING_ADDR, self.monitoring_addr),
             (config::CONFIG_DIR, self.config_dir),
             (config::CONFIG_POLL, self.config_poll),
             (config::ROOT_NAMESPACE, self.root_namespace),
@@ -134,11 +139,23 @@ async fn shutdown_signal() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let flags = Args::parse().into_source();
-    let config = Config::from_source(&Layered(flags, EnvSource))?;
+    let source = Layered(Args::parse().into_source(), EnvSource);
+    let config = Config::from_source(&source)?;
     init_tracing(&config.log)?;
+    // One process-wide recorder: every component records through the `metrics` facade.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    let monitoring = match config::monitoring_addr(&source)? {
+        Some(addr) => Some(monitoring::bind(addr).await?),
+        None => None,
+    };
     let bound = app::build(config).await?;
     let shutdown = bound.shutdown_handle();
+    if let Some(listener) = monitoring {
+        tracing::info!(address = %listener.local_addr()?, "monitoring serving /metrics");
+        tokio::spawn(monitoring::serve(listener, metrics, shutdown.clone()));
+    }
     tokio::spawn(async move {
         if let Err(error) = shutdown_signal().await {
             tracing::error!(%error, "signal handling failed; shutting down");

@@ -141,7 +141,10 @@ async fn relists_after_410_without_losing_or_duplicating() {
 #[tokio::test]
 async fn a_missing_resource_is_reported_and_does_not_block_the_others() {
     let server = FakeApiServer::start().await.unwrap();
-    server.register(FakeResource::of(Kind::Pod));
+    // Every kind is served except Namespace.
+    for kind in Kind::ALL.iter().filter(|k| **k != Kind::Namespace) {
+        server.register(FakeResource::of(*kind));
+    }
     server.apply(pod("x", "a", "n1")).unwrap();
     let mut rx = start(&server, config()).await;
     let snapshot = rx.borrow().clone();
