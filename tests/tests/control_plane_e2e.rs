@@ -5,6 +5,8 @@
 //!
 //! * a Service VIP load-balances across endpoints on both nodes, and removing the namespace's
 //!   ambient label turns its workloads to protocol NONE in xDS (and back);
+//! * `trafficDistribution: PreferSameNode` keeps the client on its node's endpoint, and fails
+//!   over to the other node when that endpoint turns unready;
 //! * an ALLOW AuthorizationPolicy selecting the server admits one identity and refuses another
 //!   (HBONE `401`, `response_flags="DENY"`), and closes the now-denied open connection;
 //! * istiod-lite stopped: open and new connections keep working on the last config, a policy
@@ -145,7 +147,81 @@ async fn vip_load_balances_across_nodes_and_namespace_label_sets_protocol() -> R
         "40 connections to the VIP did not reach both endpoints: {answered:?}"
     );
     lb_metrics(&mesh, &web, &answered).await?;
-    namespace_label_sets_protocol(&mesh).await
+    namespace_label_sets_protocol(&mesh).await?;
+    prefer_same_node_and_failover(&mesh, &web).await
+}
+
+/// `trafficDistribution: PreferSameNode`: the client (on n1) reaches only web1 (n1) while it is
+/// ready, and web2 (n2) once web1 is not. Asserted on the responses and on the destination
+/// ztunnels' counters.
+async fn prefer_same_node_and_failover(mesh: &Mesh, web: &ServiceSpec) -> Result<()> {
+    let host = web.hostname();
+    let yaml = objects::service_yaml(web) + "  trafficDistribution: PreferSameNode\n";
+    mesh.apply(&objects::service_file(web.name), &yaml)?;
+    mesh.ztunnel("n1")
+        .wait_config("PreferSameNode load balancing on the web service", |dump| {
+            dump["services"].as_array().is_some_and(|s| {
+                s.iter().any(|s| {
+                    s["hostname"] == host.as_str() && s["loadBalancing"]["mode"] == "FAILOVER"
+                })
+            })
+        })
+        .await?;
+    let inbound = |pod: &'static str| {
+        [
+            ("reporter", "destination"),
+            ("destination_workload", pod),
+            ("destination_service", host.as_str()),
+        ]
+    };
+    let web2_before = metric(
+        &mesh.ztunnel("n2").metrics().await?,
+        OPENED,
+        &inbound("web2"),
+    );
+    let web1_before = metric(
+        &mesh.ztunnel("n1").metrics().await?,
+        OPENED,
+        &inbound("web1"),
+    );
+    let answered = spread_over_vip(mesh, 20).await?;
+    ensure!(
+        answered.get("web1") == Some(&20),
+        "PreferSameNode: 20 connections from n1 should all reach web1 on n1: {answered:?}"
+    );
+    eventually_metric(mesh, "n1", OPENED, &inbound("web1"), web1_before + 20).await?;
+    let web2_now = metric(
+        &mesh.ztunnel("n2").metrics().await?,
+        OPENED,
+        &inbound("web2"),
+    );
+    ensure!(
+        web2_now == web2_before,
+        "n2 counted {} inbound connections to web2 under PreferSameNode",
+        web2_now - web2_before
+    );
+
+    // web1 turns unready: the closest healthy endpoint is now on the other node.
+    let unready = mesh
+        .pod_yaml("web1")?
+        .replace("status: \"True\"", "status: \"False\"");
+    ensure!(
+        unready.contains("status: \"False\""),
+        "pod YAML changed shape"
+    );
+    mesh.apply(&objects::pod_file("web1"), &unready)?;
+    mesh.ztunnel("n1")
+        .wait_config("web1 unhealthy", |dump| {
+            workload(dump, &pod_uid("web1")).is_some_and(|w| w["status"] == "Unhealthy")
+        })
+        .await?;
+    let answered = spread_over_vip(mesh, 10).await?;
+    ensure!(
+        answered.get("web2") == Some(&10),
+        "PreferSameNode with web1 unready should fail over to web2: {answered:?}"
+    );
+    eventually_metric(mesh, "n2", OPENED, &inbound("web2"), web2_before + 10).await?;
+    Ok(())
 }
 
 /// Opens `n` connections to the VIP from `client`; returns how many each pod answered.

@@ -344,7 +344,6 @@ fn config_dump(
             "config": config,
             "workloads": snapshot.workloads().iter().map(|w| &**w).collect::<Vec<_>>(),
             "services": snapshot.services().iter().map(|s| &**s).collect::<Vec<_>>(),
-            "policies": snapshot.policies().iter().map(|p| &**p).collect::<Vec<_>>(),
             "pods": proxies.dump(),
             "certificates": certs.dump(),
             "policies": snapshot.policies().iter().map(|p| &**p).collect::<Vec<_>>(),

@@ -224,12 +224,12 @@ fn ip_families(spec: &ServiceSpec) -> IpFamilies {
 fn load_balancing(spec: &ServiceSpec) -> Option<LoadBalancing> {
     use load_balancing::{HealthPolicy, Mode, Scope};
     let close = [Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone];
+    // `internalTrafficPolicy: Local` is a restriction and wins over a mere preference.
+    let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
     let (scopes, mode): (Vec<Scope>, Mode) = match spec.traffic_distribution.as_deref() {
+        _ if local_only => (vec![Scope::Node], Mode::Strict),
         Some("PreferClose" | "PreferSameZone") => (close.to_vec(), Mode::Failover),
         Some("PreferSameNode") => ([&close[..], &[Scope::Node]].concat(), Mode::Failover),
-        _ if spec.internal_traffic_policy.as_deref() == Some("Local") => {
-            (vec![Scope::Node], Mode::Strict)
-        }
         _ => (Vec::new(), Mode::UnspecifiedMode),
     };
     let health = if spec.publish_not_ready_addresses == Some(true) {

@@ -24,6 +24,8 @@ pub(super) fn workload(ns: &str, selected: &[&str]) -> Workload {
         canonical_revision: String::new(),
         workload_name: String::new(),
         authorization_policies: selected.iter().map(|s| s.to_string()).collect(),
+        locality: Default::default(),
+        cluster_id: String::new(),
     }
 }
 

@@ -77,7 +77,7 @@ impl Outbound {
         if illegal && src.addresses.contains(&orig.ip()) {
             return Err(Error::SelfCall(orig));
         }
-        let upstream = route::resolve(&self.ctx.store(), &src.network, orig, &mut rand::rng())?;
+        let upstream = route::resolve(&self.ctx.store(), &src, orig, &mut rand::rng())?;
         self.forward(stream, peer, &src, upstream, guard).await
     }
 

@@ -11,6 +11,7 @@
 //!   workloadIps: [10.100.1.11]
 //!   protocol: HBONE                 # or TCP (unmeshed)
 //!   node: node1
+//!   locality: {region: r1, zone: z1} # optional, for locality-aware load balancing
 //!   services: {default/echo.default.svc.cluster.local: {80: 8080}}
 //! services:
 //! - name: echo
@@ -18,6 +19,10 @@
 //!   hostname: echo.default.svc.cluster.local
 //!   vips: [/10.96.0.10]             # <network>/<ip>
 //!   ports: {80: 8080}
+//!   loadBalancing:                  # optional; default: any healthy endpoint
+//!     routingPreference: [NETWORK, REGION, ZONE, SUBZONE, NODE]
+//!     mode: FAILOVER                # STANDARD | STRICT | FAILOVER | PASSTHROUGH
+//!     healthPolicy: ONLY_HEALTHY    # or ALLOW_ALL
 //! policies:                         # L4 authorization (see `state::policy`)
 //! - name: allow-client
 //!   namespace: default
@@ -35,7 +40,10 @@ use std::path::Path;
 use mesh_core::Identity;
 use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 
-use super::model::{HealthStatus, NetworkAddress, PortMap, Service, TunnelProtocol, Workload};
+use super::model::{
+    HealthStatus, LoadBalancing, Locality, NetworkAddress, PortMap, Service, TunnelProtocol,
+    Workload,
+};
 use super::policy::Policy;
 
 /// Why the local config was rejected.
@@ -115,6 +123,10 @@ struct RawWorkload {
     workload_name: String,
     #[serde(default)]
     authorization_policies: Vec<String>,
+    #[serde(default)]
+    locality: Locality,
+    #[serde(default)]
+    cluster_id: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -129,6 +141,8 @@ struct RawService {
     ports: PortMap,
     #[serde(default)]
     subject_alt_names: Vec<String>,
+    #[serde(default)]
+    load_balancing: LoadBalancing,
 }
 
 impl LocalConfig {
@@ -275,6 +289,8 @@ fn convert_workload(w: RawWorkload, at: &str) -> Result<Workload, LocalConfigErr
         canonical_revision: w.canonical_revision,
         workload_name: w.workload_name,
         authorization_policies: w.authorization_policies,
+        locality: w.locality,
+        cluster_id: w.cluster_id,
     })
 }
 
@@ -310,6 +326,7 @@ fn convert_service(s: RawService, at: &str) -> Result<Service, LocalConfigError>
         vips,
         ports: s.ports,
         subject_alt_names,
+        load_balancing: s.load_balancing,
     })
 }
 
@@ -435,6 +452,18 @@ services:
             (
                 "services: [{name: s, namespace: n, hostname: h, ports: {80: 70000}}]",
                 "invalid value",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, loadBalancing: {routingPreference: [ZONE, GALAXY]}}]",
+                "unknown variant `GALAXY`",
+            ),
+            (
+                "services: [{name: s, namespace: n, hostname: h, loadBalancing: {mode: NEAREST}}]",
+                "unknown variant `NEAREST`",
+            ),
+            (
+                "workloads: [{uid: a, name: a, namespace: n, protocol: HBONE, locality: {planet: earth}}]",
+                "unknown field `planet`",
             ),
             ("workloads: {", "invalid local config YAML"),
         ];

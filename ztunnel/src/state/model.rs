@@ -78,6 +78,91 @@ pub struct Workload {
     pub workload_name: String,
     /// Names (`ns/name`) of selector-scoped authorization policies.
     pub authorization_policies: Vec<String>,
+    /// Region / zone / subzone, for locality-aware load balancing.
+    pub locality: Locality,
+    /// The cluster the workload runs in (the `CLUSTER` load-balancing scope).
+    pub cluster_id: String,
+}
+
+/// Where a workload runs (from its node's `topology.kubernetes.io/*` labels).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    /// `topology.kubernetes.io/region`.
+    #[serde(default)]
+    pub region: String,
+    /// `topology.kubernetes.io/zone`.
+    #[serde(default)]
+    pub zone: String,
+    /// `topology.istio.io/subzone`.
+    #[serde(default)]
+    pub subzone: String,
+}
+
+/// A property a client and an endpoint may share; load balancing prefers endpoints that share
+/// the scopes of [`LoadBalancing::routing_preference`], in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Scope {
+    /// Same region.
+    Region,
+    /// Same zone.
+    Zone,
+    /// Same subzone.
+    Subzone,
+    /// Same Kubernetes node.
+    Node,
+    /// Same cluster.
+    Cluster,
+    /// Same network.
+    Network,
+}
+
+/// How the routing preference is applied.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbMode {
+    /// No locality preference: every eligible endpoint.
+    #[default]
+    Standard,
+    /// Only endpoints that share every preferred scope with the client (e.g.
+    /// `internalTrafficPolicy: Local`); none ⇒ the connection fails.
+    Strict,
+    /// Endpoints sharing the longest prefix of the preferred scopes; the rest only when none
+    /// closer exists (e.g. `trafficDistribution: PreferClose`).
+    Failover,
+    /// No endpoint selection: plain TCP to the original destination, unchanged.
+    Passthrough,
+}
+
+/// Which endpoints are eligible by health.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthPolicy {
+    /// Healthy endpoints only.
+    #[default]
+    OnlyHealthy,
+    /// Unhealthy endpoints too (`publishNotReadyAddresses: true`).
+    AllowAll,
+}
+
+/// A service's load-balancing settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadBalancing {
+    /// Scopes to share with the client, most important first.
+    #[serde(default)]
+    pub routing_preference: Vec<Scope>,
+    /// How the preference applies.
+    #[serde(default)]
+    pub mode: LbMode,
+    /// Which endpoints are eligible by health.
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
 }
 
 /// A service: VIPs, ports and the extra identities its endpoints may present.
@@ -96,6 +181,8 @@ pub struct Service {
     pub ports: PortMap,
     /// Extra SPIFFE ids endpoints may present.
     pub subject_alt_names: Vec<Identity>,
+    /// Endpoint selection (locality, health).
+    pub load_balancing: LoadBalancing,
 }
 
 impl Service {

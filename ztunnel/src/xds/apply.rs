@@ -106,7 +106,7 @@ fn insert(store: &mut Store, ty: XdsType, r: &Resource) -> Result<(), String> {
                 AddressResource::Workload(w) => {
                     // A name that changed kind (service → workload) must not leave both behind.
                     store.remove_service(&r.name);
-                    store.insert_workload(w);
+                    store.insert_workload(*w);
                 }
                 AddressResource::Service(s) => {
                     store.remove_workload(&r.name);

@@ -2,7 +2,7 @@
 //!
 //! Every field ztunnel relies on is validated, like the local config file; an error names the
 //! resource and the field so a NACK tells the control plane exactly what it got wrong. Fields
-//! ztunnel does not implement yet (waypoints, network gateways, locality, extensions, ...) are
+//! ztunnel does not implement yet (waypoints, network gateways, extensions, ...) are
 //! ignored, as an older upstream ztunnel ignores fields it does not know.
 
 use std::collections::BTreeMap;
@@ -13,14 +13,15 @@ use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 use mesh_proto::workload as pb;
 
 use crate::state::model::{
-    HealthStatus, NetworkAddress, PortMap, Service, TunnelProtocol, Workload,
+    HealthPolicy, HealthStatus, LbMode, LoadBalancing, Locality, NetworkAddress, PortMap, Scope,
+    Service, TunnelProtocol, Workload,
 };
 
 /// One converted `Address` resource.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AddressResource {
-    /// A workload, keyed by uid.
-    Workload(Workload),
+    /// A workload, keyed by uid (boxed: it is far larger than a service).
+    Workload(Box<Workload>),
     /// A service, keyed by `namespace/hostname`.
     Service(Service),
 }
@@ -37,7 +38,7 @@ pub fn address(name: &str, a: &pb::Address) -> Result<AddressResource, String> {
                     w.uid
                 ));
             }
-            Ok(AddressResource::Workload(w))
+            Ok(AddressResource::Workload(Box::new(w)))
         }
         Some(pb::address::Type::Service(s)) => {
             let s = service(s).map_err(|e| format!("service {name:?}: {e}"))?;
@@ -94,6 +95,16 @@ pub fn workload(w: &pb::Workload) -> Result<Workload, String> {
         canonical_revision: w.canonical_revision.clone(),
         workload_name: w.workload_name.clone(),
         authorization_policies: w.authorization_policies.clone(),
+        locality: w
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.subzone.clone(),
+            })
+            .unwrap_or_default(),
+        cluster_id: w.cluster_id.clone(),
     })
 }
 
@@ -124,6 +135,49 @@ pub fn service(s: &pb::Service) -> Result<Service, String> {
         vips,
         ports: port_map("ports", &s.ports)?,
         subject_alt_names,
+        load_balancing: match &s.load_balancing {
+            Some(lb) => load_balancing(lb).map_err(|e| format!("load_balancing.{e}"))?,
+            None => LoadBalancing::default(),
+        },
+    })
+}
+
+/// Unknown enum values are refused: guessing could send traffic across zones (or nowhere) against
+/// the operator's intent.
+fn load_balancing(lb: &pb::LoadBalancing) -> Result<LoadBalancing, String> {
+    use pb::load_balancing::{HealthPolicy as PbHealth, Mode as PbMode, Scope as PbScope};
+    let routing_preference = lb
+        .routing_preference
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match PbScope::try_from(*v) {
+            Ok(PbScope::Region) => Ok(Scope::Region),
+            Ok(PbScope::Zone) => Ok(Scope::Zone),
+            Ok(PbScope::Subzone) => Ok(Scope::Subzone),
+            Ok(PbScope::Node) => Ok(Scope::Node),
+            Ok(PbScope::Cluster) => Ok(Scope::Cluster),
+            Ok(PbScope::Network) => Ok(Scope::Network),
+            Ok(PbScope::UnspecifiedScope) | Err(_) => {
+                Err(format!("routing_preference[{i}]: unknown scope {v}"))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mode = match PbMode::try_from(lb.mode) {
+        Ok(PbMode::UnspecifiedMode) => LbMode::Standard,
+        Ok(PbMode::Strict) => LbMode::Strict,
+        Ok(PbMode::Failover) => LbMode::Failover,
+        Ok(PbMode::Passthrough) => LbMode::Passthrough,
+        Err(_) => return Err(format!("mode: unknown value {}", lb.mode)),
+    };
+    let health_policy = match PbHealth::try_from(lb.health_policy) {
+        Ok(PbHealth::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+        Ok(PbHealth::AllowAll) => HealthPolicy::AllowAll,
+        Err(_) => return Err(format!("health_policy: unknown value {}", lb.health_policy)),
+    };
+    Ok(LoadBalancing {
+        routing_preference,
+        mode,
+        health_policy,
     })
 }
 

@@ -219,6 +219,10 @@ fn load_balancing_table() {
             "internalTrafficPolicy: Local",
             lb(&[S::Node], Mode::Strict, HealthPolicy::OnlyHealthy),
         ),
+        (
+            "internalTrafficPolicy: Local, trafficDistribution: PreferClose",
+            lb(&[S::Node], Mode::Strict, HealthPolicy::OnlyHealthy),
+        ),
         ("trafficDistribution: Unknown", None),
         (
             "publishNotReadyAddresses: true",

@@ -35,6 +35,12 @@ fn good_workload() -> pb::Workload {
         authorization_policies: vec!["default/allow-echo".into()],
         status: pb::WorkloadStatus::Unhealthy as i32,
         capacity: Some(3),
+        cluster_id: "c1".into(),
+        locality: Some(pb::Locality {
+            region: "r".into(),
+            zone: "z".into(),
+            subzone: "s".into(),
+        }),
         ..Default::default()
     }
 }
@@ -62,6 +68,14 @@ fn good_service() -> pb::Service {
             app_protocol: 0,
         }],
         subject_alt_names: vec!["spiffe://cluster.local/ns/default/sa/echo".into()],
+        load_balancing: Some(pb::LoadBalancing {
+            routing_preference: vec![
+                pb::load_balancing::Scope::Network as i32,
+                pb::load_balancing::Scope::Node as i32,
+            ],
+            mode: pb::load_balancing::Mode::Failover as i32,
+            health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+        }),
         ..Default::default()
     }
 }
@@ -111,6 +125,15 @@ fn a_full_workload_converts_every_field() {
     let ports = &w.services["default/echo.default.svc.cluster.local"];
     assert_eq!(ports, &PortMap::from([(80, 8080), (81, 0)]));
     assert_eq!(w.authorization_policies, ["default/allow-echo"]);
+    assert_eq!(
+        w.locality,
+        Locality {
+            region: "r".into(),
+            zone: "z".into(),
+            subzone: "s".into()
+        }
+    );
+    assert_eq!(w.cluster_id, "c1");
 }
 
 #[test]
@@ -149,6 +172,21 @@ fn a_full_service_converts_every_field() {
     assert_eq!(s.vips[1].to_string(), "net1/10.96.0.11");
     assert_eq!(s.ports, PortMap::from([(80, 8080)]));
     assert_eq!(s.subject_alt_names[0].service_account(), "echo");
+    assert_eq!(
+        s.load_balancing,
+        LoadBalancing {
+            routing_preference: vec![Scope::Network, Scope::Node],
+            mode: LbMode::Failover,
+            health_policy: HealthPolicy::AllowAll,
+        }
+    );
+    // No load_balancing: any healthy endpoint.
+    let plain = service(&pb::Service {
+        load_balancing: None,
+        ..good_service()
+    })
+    .unwrap();
+    assert_eq!(plain.load_balancing, LoadBalancing::default());
 }
 
 #[test]
@@ -266,6 +304,22 @@ fn bad_services_are_rejected_naming_the_field() {
         (
             |s| s.subject_alt_names.push("not-spiffe".into()),
             "subject_alt_names[1]: ",
+        ),
+        (
+            |s| s.load_balancing.as_mut().unwrap().routing_preference[1] = 42,
+            "load_balancing.routing_preference[1]: unknown scope 42",
+        ),
+        (
+            |s| s.load_balancing.as_mut().unwrap().routing_preference[0] = 0,
+            "load_balancing.routing_preference[0]: unknown scope 0",
+        ),
+        (
+            |s| s.load_balancing.as_mut().unwrap().mode = 9,
+            "load_balancing.mode: unknown value 9",
+        ),
+        (
+            |s| s.load_balancing.as_mut().unwrap().health_policy = 7,
+            "load_balancing.health_policy: unknown value 7",
         ),
     ];
     for (edit, want) in cases {
