@@ -63,7 +63,7 @@ struct Args {
     /// Admin server address [ZTUNNEL_ADMIN_ADDR, default 127.0.0.1:15000].
     #[arg(long)]
     admin_addr: Option<String>,
-    /// Data-plane threads [ZTUNNEL_WORKER_THREADS, default 2].
+    /// Data-plane threads [ZTUNNEL_WORKER_THREADS, default: half the CPUs, 1 to 2].
     #[arg(long)]
     worker_threads: Option<String>,
     /// Drain deadline at shutdown and pod removal [ZTUNNEL_DRAIN_TIMEOUT, default 5s].
