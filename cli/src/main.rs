@@ -28,13 +28,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ZMESH_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    mesh_core::telemetry::init_stderr_logging("ZMESH_LOG", "warn");
     match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Up(args) => Ok(up::up(args).await?),

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tracing::info;
-use tracing_subscriber::EnvFilter;
 use zmesh_cni::app;
 use zmesh_cni::config::{Config, ConfigError};
 
@@ -28,9 +27,7 @@ fn main() -> ExitCode {
 }
 
 fn run(config: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.log)
-        .with_context(|| format!("invalid log filter {:?}", config.log))?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    mesh_core::telemetry::init_logging(&config.log, false).map_err(anyhow::Error::msg)?;
     info!(config = %serde_json::to_string(config)?, "starting zmesh-cni");
     // The agent does control work only (rule loading runs on the blocking pool), so one thread
     // is enough.

@@ -5,16 +5,19 @@
 //! DATA frame payloads h2 decoded and takes chunks as DATA frames, so neither side copies bytes
 //! into an intermediate buffer. Plain `AsyncRead + AsyncWrite` types join in through [`Plain`].
 //!
-//! Read buffers grow with the amount moved (1 KiB, then 16 KiB after 128 KiB, then 256 KiB after
-//! 10 MiB): idle and chatty connections stay small, bulk transfers get few, large reads.
+//! Read sizes grow with the amount moved (1 KiB, then 16 KiB after 128 KiB, then 256 KiB after
+//! 10 MiB): idle and chatty connections stay small, bulk transfers get few, large reads. Small
+//! reads go through the stack and are copied into an exact-size chunk, so an idle connection holds
+//! no read buffer.
 
 use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 /// Read size while a direction has moved less than [`MEDIUM_AFTER`] bytes.
@@ -119,6 +122,20 @@ impl ReadBuffer {
         io: Pin<&mut R>,
     ) -> Poll<io::Result<Option<Bytes>>> {
         let size = self.read_size();
+        if size == SMALL_READ {
+            // Small phase: read onto the stack and copy out exactly what came (at most 1 KiB).
+            // A connection that is idle between small messages, the common case, then holds no
+            // read buffer at all.
+            let mut stack = [MaybeUninit::<u8>::uninit(); SMALL_READ];
+            let mut read = ReadBuf::uninit(&mut stack);
+            ready!(io.poll_read(cx, &mut read))?;
+            let filled = read.filled();
+            if filled.is_empty() {
+                return Poll::Ready(Ok(None));
+            }
+            self.total += filled.len() as u64;
+            return Poll::Ready(Ok(Some(Bytes::copy_from_slice(filled))));
+        }
         if self.buf.capacity() < size && !self.buf.try_reclaim(size) {
             // Chunks handed out earlier still use the old allocation (it is freed when they
             // are); start a new one. `try_reclaim` reuses the old one once they are all gone, so

@@ -213,6 +213,14 @@ impl Metrics {
     }
 }
 
+/// The counters a connection's close increments, resolved when it opened.
+#[derive(Debug)]
+struct CloseCounters {
+    closed: Counter,
+    received: Counter,
+    sent: Counter,
+}
+
 /// One connection's labels, byte counts and outcome. Dropping it records the close.
 #[derive(Debug)]
 pub struct ConnectionGuard {
@@ -227,8 +235,9 @@ pub struct ConnectionGuard {
     hbone_addr: Option<SocketAddr>,
     service: Option<String>,
     security: SecurityPolicy,
-    // The labels the open was recorded with; the close uses the same ones.
-    opened: Option<Vec<Label>>,
+    // The close-time counters, registered with the labels the open was recorded with (a few
+    // shared handles rather than a copy of the labels for every connection).
+    opened: Option<Box<CloseCounters>>,
     received: u64,
     sent: u64,
     error: Option<(Option<ErrorKind>, String)>,
@@ -270,10 +279,13 @@ impl ConnectionGuard {
     pub fn established(&mut self) {
         if self.opened.is_none() {
             let labels = self.labels();
-            self.metrics
-                .counter(TCP_CONNECTIONS_OPENED, &labels)
-                .increment(1);
-            self.opened = Some(labels);
+            let m = &self.metrics;
+            m.counter(TCP_CONNECTIONS_OPENED, &labels).increment(1);
+            self.opened = Some(Box::new(CloseCounters {
+                closed: m.counter(TCP_CONNECTIONS_CLOSED, &labels),
+                received: m.counter(TCP_RECEIVED_BYTES, &labels),
+                sent: m.counter(TCP_SENT_BYTES, &labels),
+            }));
         }
     }
 
@@ -350,14 +362,14 @@ impl Drop for ConnectionGuard {
         let revoked =
             self.opened.is_some() && matches!(self.error, Some((Some(ErrorKind::Denied), _)));
         self.established();
-        let labels = self.opened.take().unwrap_or_default();
-        let m = &self.metrics;
-        m.counter(TCP_CONNECTIONS_CLOSED, &labels).increment(1);
-        m.counter(TCP_RECEIVED_BYTES, &labels)
-            .increment(self.received);
-        m.counter(TCP_SENT_BYTES, &labels).increment(self.sent);
+        if let Some(close) = self.opened.take() {
+            close.closed.increment(1);
+            close.received.increment(self.received);
+            close.sent.increment(self.sent);
+        }
         if revoked {
-            m.counter(TCP_CONNECTIONS_REVOKED, &self.labels())
+            self.metrics
+                .counter(TCP_CONNECTIONS_REVOKED, &self.labels())
                 .increment(1);
         }
         self.access_log();

@@ -108,6 +108,8 @@ async fn read_size_grows_with_the_amount_moved() {
         assert!(chunk.len() <= LARGE_READ);
         if total < MEDIUM_AFTER {
             max_small = max_small.max(chunk.len());
+            // Small reads keep no buffer between reads.
+            assert_eq!(buf.buf.capacity(), 0);
         } else if total >= LARGE_AFTER {
             max_large = max_large.max(chunk.len());
         }
