@@ -488,27 +488,88 @@ async fn accept_streams<H: ConnectHandler>(
     }
 }
 
+/// One CONNECT stream. Accepting it (parsing, the handler's checks and upstream connect, the
+/// response) runs as a boxed future freed once the tunnel is up, so the task that lives as long as
+/// the tunnel holds only the tunnel, the upstream and the copy state.
 async fn serve_stream<H: ConnectHandler>(
     handler: Arc<H>,
     info: Arc<ConnInfo>,
     request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    respond: SendResponse<Bytes>,
 ) {
+    let Some(open) = Box::pin(accept_stream(handler, info, request, respond)).await else {
+        return;
+    };
+    let OpenTunnel {
+        mut tunnel,
+        upstream,
+        on_close,
+        target,
+    } = open;
+    let result = copy_bidirectional(&mut tunnel, &mut Plain(upstream)).await;
+    match &result {
+        Ok(t) => debug!(%target, to_upstream = t.a_to_b, from_upstream = t.b_to_a, "tunnel closed"),
+        Err(e) => debug!(%target, error = %e, "tunnel failed"),
+    }
+    if let Some(hook) = on_close {
+        hook(&result);
+    }
+}
+
+/// An accepted tunnel, ready to carry bytes.
+struct OpenTunnel {
+    tunnel: Tunnel,
+    upstream: Box<dyn UpstreamIo>,
+    on_close: Option<CloseHook>,
+    target: ConnectTarget,
+}
+
+async fn accept_stream<H: ConnectHandler>(
+    handler: Arc<H>,
+    info: Arc<ConnInfo>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Option<OpenTunnel> {
     let (parts, recv) = request.into_parts();
     let inbound = match inbound_request(parts, &info) {
         Ok(inbound) => inbound,
-        Err(rejection) => return reject(respond, rejection),
+        Err(rejection) => {
+            reject(respond, rejection);
+            return None;
+        }
     };
     let target = inbound.target.clone();
     let decision = tokio::select! {
         decision = handler.handle(inbound) => decision,
         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-            return debug!(%target, "client gave up on CONNECT before it was answered");
+            debug!(%target, "client gave up on CONNECT before it was answered");
+            return None;
         }
     };
-    match decision {
-        Ok(accepted) => splice(respond, recv, accepted, &target).await,
-        Err(rejection) => reject(respond, rejection),
+    let Accepted {
+        upstream,
+        headers,
+        on_close,
+    } = match decision {
+        Ok(accepted) => accepted,
+        Err(rejection) => {
+            reject(respond, rejection);
+            return None;
+        }
+    };
+    let mut response = Response::new(());
+    *response.headers_mut() = headers;
+    match respond.send_response(response, false) {
+        Ok(send) => Some(OpenTunnel {
+            tunnel: Tunnel::new(send, recv, None),
+            upstream,
+            on_close,
+            target,
+        }),
+        Err(e) => {
+            debug!(%target, error = %e, "could not accept hbone CONNECT");
+            None
+        }
     }
 }
 
@@ -546,34 +607,6 @@ fn reject(mut respond: SendResponse<Bytes>, rejection: Rejection) {
     *response.status_mut() = rejection.status;
     if let Err(e) = respond.send_response(response, true) {
         debug!(error = %e, "could not send hbone rejection");
-    }
-}
-
-async fn splice(
-    mut respond: SendResponse<Bytes>,
-    recv: RecvStream,
-    accepted: Accepted,
-    target: &ConnectTarget,
-) {
-    let Accepted {
-        upstream,
-        headers,
-        on_close,
-    } = accepted;
-    let mut response = Response::new(());
-    *response.headers_mut() = headers;
-    let send = match respond.send_response(response, false) {
-        Ok(send) => send,
-        Err(e) => return debug!(%target, error = %e, "could not accept hbone CONNECT"),
-    };
-    let mut tunnel = Tunnel::new(send, recv, None);
-    let result = copy_bidirectional(&mut tunnel, &mut Plain(upstream)).await;
-    match &result {
-        Ok(t) => debug!(%target, to_upstream = t.a_to_b, from_upstream = t.b_to_a, "tunnel closed"),
-        Err(e) => debug!(%target, error = %e, "tunnel failed"),
-    }
-    if let Some(hook) = on_close {
-        hook(&result);
     }
 }
 

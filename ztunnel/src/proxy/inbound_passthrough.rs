@@ -41,13 +41,14 @@ async fn proxy(
         return Err(Error::SelfCall(dst));
     }
     let client_ip = peer.ip().to_canonical();
-    let store = ctx.store();
     guard.source(plaintext_source(
-        &store,
+        &ctx.store(),
         &ctx.inputs.settings.network,
         client_ip,
     ));
-    let workload = ctx.workload().await?;
+    // Setup futures are boxed: they live only until the connection is up, and inline they would
+    // add their size to every connection's task for its whole life.
+    let workload = Box::pin(ctx.workload()).await?;
     guard.destination(Peer::from_workload(&workload));
     // No identity: a STRICT PeerAuthentication (a DENY `not_principals: presence` policy)
     // refuses every plaintext connection here.
@@ -60,10 +61,10 @@ async fn proxy(
             return Ok(());
         }
     };
-    let upstream = ctx
-        .connect(dst, Some(client_ip))
+    let upstream = Box::pin(ctx.connect(dst, Some(client_ip)))
         .await
         .map_err(Error::Connect)?;
+    drop(workload);
     guard.established();
     let upstream = tracked.wrap(upstream);
     let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use mesh_core::Identity;
 use mesh_core::copy::{Plain, copy_bidirectional};
+use mesh_core::hbone::Tunnel;
 use mesh_core::hbone::client::{HbonePool, PoolKey, TunnelRequest};
 use mesh_core::hbone::headers::{Baggage, TraceParent};
 use mesh_core::socket;
@@ -26,6 +27,14 @@ struct HboneDst<'a> {
     host: Option<&'a str>,
     /// Pod IP and target port: the `:authority`.
     target: SocketAddr,
+}
+
+/// A connection ready to carry bytes: the app's stream and its upstream.
+enum Connected {
+    /// Over an HBONE tunnel.
+    Hbone(TcpStream, Tunnel),
+    /// Plain TCP.
+    Plain(TcpStream, TcpStream),
 }
 
 /// The outbound proxy of one pod.
@@ -48,23 +57,36 @@ impl Outbound {
     }
 
     /// Serves one accepted connection to completion.
+    ///
+    /// Setting the connection up (routing, certificates, the pool, the dial) runs as a boxed
+    /// future that is freed once the upstream is connected: the task that lives as long as the
+    /// connection holds only the two streams, the copy state and the metrics guard.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let metrics = &self.ctx.inputs.metrics;
         let mut guard = metrics.connection(Reporter::Source, "outbound", peer);
         let span = tracing::debug_span!("outbound", %peer);
-        let result = self.proxy(stream, peer, &mut guard).instrument(span).await;
-        if let Err(error) = result {
-            debug!(%peer, %error, "outbound connection failed");
-            guard.fail(error.kind(), &error);
-        }
+        let setup = Box::pin(self.setup(stream, peer, &mut guard).instrument(span)).await;
+        let result = match setup {
+            Ok(Connected::Hbone(stream, mut tunnel)) => {
+                copy_bidirectional(&mut Plain(stream), &mut tunnel).await
+            }
+            Ok(Connected::Plain(stream, upstream)) => {
+                copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await
+            }
+            Err(error) => {
+                debug!(%peer, %error, "outbound connection failed");
+                return guard.fail(error.kind(), &error);
+            }
+        };
+        record_copy(&mut guard, &result);
     }
 
-    async fn proxy(
+    async fn setup(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
         guard: &mut ConnectionGuard,
-    ) -> Result<(), Error> {
+    ) -> Result<Connected, Error> {
         let orig = socket::original_dst(&stream).map_err(Error::OriginalDst)?;
         let orig = SocketAddr::new(orig.ip().to_canonical(), orig.port());
         guard.addresses(orig, None);
@@ -81,7 +103,7 @@ impl Outbound {
         self.forward(stream, peer, &src, upstream, guard).await
     }
 
-    /// Carries the connection to the chosen upstream: HBONE for meshed workloads, else plain.
+    /// Connects to the chosen upstream: HBONE for meshed workloads, else plain.
     async fn forward(
         &self,
         stream: TcpStream,
@@ -89,7 +111,7 @@ impl Outbound {
         src: &Workload,
         upstream: Upstream,
         guard: &mut ConnectionGuard,
-    ) -> Result<(), Error> {
+    ) -> Result<Connected, Error> {
         match &upstream {
             Upstream::Passthrough(dst) => self.passthrough(stream, *dst, guard).await,
             Upstream::Workload {
@@ -121,13 +143,11 @@ impl Outbound {
         stream: TcpStream,
         dst: SocketAddr,
         guard: &mut ConnectionGuard,
-    ) -> Result<(), Error> {
+    ) -> Result<Connected, Error> {
         guard.addresses(dst, None).security(SecurityPolicy::Unknown);
         let upstream = self.ctx.connect(dst, None).await.map_err(Error::Connect)?;
         guard.established();
-        let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
-        record_copy(guard, &result);
-        Ok(())
+        Ok(Connected::Plain(stream, upstream))
     }
 
     async fn hbone(
@@ -137,7 +157,7 @@ impl Outbound {
         src: &Workload,
         dst: HboneDst<'_>,
         guard: &mut ConnectionGuard,
-    ) -> Result<(), Error> {
+    ) -> Result<Connected, Error> {
         let key = PoolKey {
             src_identity: src.identity.clone(),
             dst_identities: dst.identities,
@@ -151,11 +171,9 @@ impl Outbound {
             .baggage(&self.baggage(src))
             .forwarded(peer, dst.host)
             .traceparent(TraceParent::random());
-        let mut tunnel = self.pool.open(&key, &request).await?;
+        let tunnel = self.pool.open(&key, &request).await?;
         guard.established();
-        let result = copy_bidirectional(&mut Plain(stream), &mut tunnel).await;
-        record_copy(guard, &result);
-        Ok(())
+        Ok(Connected::Hbone(stream, tunnel))
     }
 
     fn baggage(&self, src: &Workload) -> Baggage {
