@@ -256,7 +256,7 @@ services:
         let ip = |v: &str| v.parse::<IpAddr>().unwrap();
         let mut a = (*s.workload("a").unwrap()).clone();
         a.addresses = vec![ip("10.0.0.9")];
-        a.services.clear();
+        a.services = Default::default();
         s.insert_workload(a);
         assert!(s.workload_by_ip("", ip("10.0.0.1")).is_none());
         assert_eq!(s.workload_by_ip("", ip("10.0.0.9")).unwrap().uid, "a");

@@ -17,7 +17,7 @@ pub(super) fn workload(ns: &str, selected: &[&str]) -> Workload {
         addresses: vec!["10.0.0.2".parse().unwrap()],
         protocol: TunnelProtocol::Hbone,
         node: String::new(),
-        services: BTreeMap::new(),
+        services: Default::default(),
         status: HealthStatus::Healthy,
         capacity: 1,
         canonical_name: String::new(),

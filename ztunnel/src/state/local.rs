@@ -282,7 +282,7 @@ fn convert_workload(w: RawWorkload, at: &str) -> Result<Workload, LocalConfigErr
         addresses,
         protocol: w.protocol,
         node: w.node,
-        services: w.services,
+        services: w.services.into(),
         status: w.status,
         capacity: w.capacity.unwrap_or(1),
         canonical_name: w.canonical_name,

@@ -44,6 +44,62 @@ impl std::fmt::Display for NetworkAddress {
 /// Service port → target port. A target of 0 means "the named port", resolved per endpoint.
 pub type PortMap = BTreeMap<u16, u16>;
 
+/// The services a workload backs (`ns/hostname` → port map), sorted by key.
+///
+/// A sorted boxed slice rather than a `BTreeMap`: a B-tree node has room for 11 entries, ≈ 0.5 KiB
+/// for the one or two services a workload usually backs, and ztunnel holds every workload of the
+/// mesh.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkloadServices(Box<[(String, PortMap)]>);
+
+impl WorkloadServices {
+    /// The port map for service `key`.
+    pub fn get(&self, key: &str) -> Option<&PortMap> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// The service keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// Whether the workload backs no service.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<BTreeMap<String, PortMap>> for WorkloadServices {
+    fn from(map: BTreeMap<String, PortMap>) -> Self {
+        Self(map.into_iter().collect())
+    }
+}
+
+impl FromIterator<(String, PortMap)> for WorkloadServices {
+    /// Sorted by key; a repeated key keeps its last value, like a map.
+    fn from_iter<I: IntoIterator<Item = (String, PortMap)>>(iter: I) -> Self {
+        iter.into_iter().collect::<BTreeMap<_, _>>().into()
+    }
+}
+
+impl std::ops::Index<&str> for WorkloadServices {
+    type Output = PortMap;
+
+    fn index(&self, key: &str) -> &PortMap {
+        self.get(key)
+            .unwrap_or_else(|| panic!("workload backs no service {key:?}"))
+    }
+}
+
+impl serde::Serialize for WorkloadServices {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
 /// A workload (a pod): its addresses, identity and the services it backs.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -65,7 +121,7 @@ pub struct Workload {
     /// Kubernetes node the workload runs on.
     pub node: String,
     /// Services this workload backs (`ns/hostname`) with per-endpoint port mappings.
-    pub services: BTreeMap<String, PortMap>,
+    pub services: WorkloadServices,
     /// Health.
     pub status: HealthStatus,
     /// Load-balancing weight (default 1).

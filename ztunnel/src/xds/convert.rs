@@ -14,7 +14,7 @@ use mesh_proto::workload as pb;
 
 use crate::state::model::{
     HealthPolicy, HealthStatus, LbMode, LoadBalancing, Locality, NetworkAddress, PortMap, Scope,
-    Service, TunnelProtocol, Workload,
+    Service, TunnelProtocol, Workload, WorkloadServices,
 };
 
 /// One converted `Address` resource.
@@ -252,7 +252,7 @@ fn health(v: i32) -> Result<HealthStatus, String> {
 
 fn workload_services(
     services: &BTreeMap<String, pb::PortList>,
-) -> Result<BTreeMap<String, PortMap>, String> {
+) -> Result<WorkloadServices, String> {
     services
         .iter()
         .map(|(key, list)| {

@@ -123,6 +123,11 @@ fn a_full_workload_converts_every_field() {
         ("echo", "v1", "echo")
     );
     let ports = &w.services["default/echo.default.svc.cluster.local"];
+    assert!(
+        w.services
+            .get("default/other.default.svc.cluster.local")
+            .is_none()
+    );
     assert_eq!(ports, &PortMap::from([(80, 8080), (81, 0)]));
     assert_eq!(w.authorization_policies, ["default/allow-echo"]);
     assert_eq!(
