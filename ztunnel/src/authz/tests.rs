@@ -1,7 +1,5 @@
 //! Table tests: one per evaluation rule of the reference (§9.1).
 
-use std::collections::BTreeMap;
-
 use crate::state::model::{HealthStatus, TunnelProtocol};
 use crate::state::policy::{Rule, Scope, ServiceAccountMatch, StringMatch};
 
