@@ -36,6 +36,18 @@ pub fn process_rss_bytes(pid: u32) -> u64 {
     rss_of(&pid.to_string())
 }
 
+/// The anonymous part (heap, stacks) of process `pid`'s resident memory, in bytes, from
+/// `/proc/<pid>/smaps_rollup` (0 if it is gone); the rest of RSS is mapped files.
+pub fn process_anon_bytes(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    kib * 1024
+}
+
 fn rss_of(proc_dir: &str) -> u64 {
     let statm = std::fs::read_to_string(format!("/proc/{proc_dir}/statm")).unwrap_or_default();
     let pages: u64 = statm
@@ -89,5 +101,8 @@ mod tests {
     fn rss_and_cpu_are_readable() {
         assert!(rss_bytes() > 0);
         let _ = cpu_time();
+        let me = std::process::id();
+        let anon = process_anon_bytes(me);
+        assert!(anon > 0 && anon <= process_rss_bytes(me), "{anon}");
     }
 }

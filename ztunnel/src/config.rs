@@ -366,13 +366,14 @@ pub fn default_worker_threads(cpus: usize) -> usize {
     (cpus / 2).clamp(1, MAX_DEFAULT_WORKER_THREADS)
 }
 
+/// The CPUs this process may use (cgroup quota included), at least 1.
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 fn runtime_config(source: &impl Source) -> Result<RuntimeConfig, ConfigError> {
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let threads = get_or(
-        source,
-        WORKER_THREADS,
-        &default_worker_threads(cpus).to_string(),
-    );
+    let default = default_worker_threads(available_cpus()).to_string();
+    let threads = get_or(source, WORKER_THREADS, &default);
     let worker_threads = threads
         .trim()
         .parse::<usize>()
@@ -478,8 +479,10 @@ mod tests {
             PathBuf::from("/var/run/ztunnel/ztunnel.sock")
         );
         assert_eq!(c.admin.addr, "127.0.0.1:15000".parse().unwrap());
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        assert_eq!(c.runtime.worker_threads, default_worker_threads(cpus));
+        assert_eq!(
+            c.runtime.worker_threads,
+            default_worker_threads(available_cpus())
+        );
         assert_eq!(c.runtime.drain_timeout, Duration::from_secs(5));
         assert_eq!(c.ca.address, "https://istiod.istio-system.svc:15012");
         assert_eq!(c.ca.cert_ttl, Duration::from_secs(86400));

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use mesh_benches::app;
-use mesh_benches::stats::{median, percentile, process_cpu_time, process_rss_bytes};
+use mesh_benches::stats::{
+    median, percentile, process_anon_bytes, process_cpu_time, process_rss_bytes,
+};
 use mesh_testbed::{NetnsTask, Pod, apps};
 use mesh_tests::mesh::{Mesh, PodSpec, metric};
 use tokio::net::TcpStream;
@@ -77,18 +79,9 @@ impl Ztunnels {
         self.0.map(process_rss_bytes)
     }
 
-    /// Each ztunnel's anonymous (heap, stacks) resident memory; the rest of RSS is mapped files,
-    /// mostly the binary's own pages.
+    /// Each ztunnel's anonymous (heap, stacks) resident memory.
     fn anon(&self) -> [u64; 2] {
-        self.0.map(|pid| {
-            let text =
-                std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-            text.lines()
-                .find_map(|l| l.strip_prefix("Anonymous:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024
-        })
+        self.0.map(process_anon_bytes)
     }
 }
 

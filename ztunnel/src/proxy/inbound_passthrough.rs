@@ -10,10 +10,15 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug};
 
 use super::{Error, ILLEGAL_PORTS, PodContext, record_end};
+use crate::authz::{Revocable, TrackedConnection};
 use crate::metrics::{ConnectionGuard, Peer, Reporter, SecurityPolicy};
 use crate::state::Store;
 
 /// Serves one accepted plaintext connection to completion.
+///
+/// As for outbound connections, the setup (policy, upstream connect) runs as a boxed future freed
+/// once the upstream is up; the long-lived task holds only the streams, the copy state, the
+/// revocation handle and the metrics guard.
 pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
     let mut guard = ctx
         .inputs
@@ -21,18 +26,31 @@ pub async fn handle(ctx: Arc<PodContext>, stream: TcpStream, peer: SocketAddr) {
         .connection(Reporter::Destination, "inbound_plaintext", peer);
     guard.security(SecurityPolicy::Unknown);
     let span = tracing::debug_span!("inbound_plaintext", %peer);
-    if let Err(error) = proxy(&ctx, stream, peer, &mut guard).instrument(span).await {
-        debug!(%peer, %error, "inbound plaintext connection failed");
-        guard.fail(error.kind(), &error);
+    let setup = Box::pin(setup(&ctx, stream, peer, &mut guard).instrument(span)).await;
+    match setup {
+        Ok(Some((stream, upstream, tracked))) => {
+            let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
+            record_end(&mut guard, &tracked, &result);
+        }
+        // Denied: dropping the stream closes the connection; the guard recorded the DENY.
+        Ok(None) => {}
+        Err(error) => {
+            debug!(%peer, %error, "inbound plaintext connection failed");
+            guard.fail(error.kind(), &error);
+        }
     }
 }
 
-async fn proxy(
+/// The app's stream, the connected (revocable) upstream and its tracking handle; `None` when
+/// policy denies the connection.
+type Connected = (TcpStream, Revocable<TcpStream>, TrackedConnection);
+
+async fn setup(
     ctx: &PodContext,
     stream: TcpStream,
     peer: SocketAddr,
     guard: &mut ConnectionGuard,
-) -> Result<(), Error> {
+) -> Result<Option<Connected>, Error> {
     // TPROXY: no NAT happened, the local address is where the client was going.
     let dst = stream.local_addr().map_err(Error::Accepted)?;
     let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
@@ -46,9 +64,7 @@ async fn proxy(
         &ctx.inputs.settings.network,
         client_ip,
     ));
-    // Setup futures are boxed: they live only until the connection is up, and inline they would
-    // add their size to every connection's task for its whole life.
-    let workload = Box::pin(ctx.workload()).await?;
+    let workload = ctx.workload().await?;
     guard.destination(Peer::from_workload(&workload));
     // No identity: a STRICT PeerAuthentication (a DENY `not_principals: presence` policy)
     // refuses every plaintext connection here.
@@ -56,20 +72,16 @@ async fn proxy(
         Ok(tracked) => tracked,
         Err(reason) => {
             debug!(%peer, %dst, %reason, "inbound plaintext connection denied");
-            // Dropping the stream closes the connection; the guard records the DENY.
             guard.fail(Some(ErrorKind::Denied), &reason);
-            return Ok(());
+            return Ok(None);
         }
     };
-    let upstream = Box::pin(ctx.connect(dst, Some(client_ip)))
+    let upstream = ctx
+        .connect(dst, Some(client_ip))
         .await
         .map_err(Error::Connect)?;
-    drop(workload);
     guard.established();
-    let upstream = tracked.wrap(upstream);
-    let result = copy_bidirectional(&mut Plain(stream), &mut Plain(upstream)).await;
-    record_end(guard, &tracked, &result);
-    Ok(())
+    Ok(Some((stream, tracked.wrap(upstream), tracked)))
 }
 
 /// Without mTLS the client's identity is unproven: its workload is reported, no principal.

@@ -119,7 +119,7 @@ fn via_service(
         return Ok(Upstream::Passthrough(dst));
     }
     let key = service.key();
-    let eligible: Vec<Arc<Workload>> = store
+    let mut eligible: Vec<Arc<Workload>> = store
         .endpoints(&key)
         .into_iter()
         .filter(|w| lb.health_policy == HealthPolicy::AllowAll || w.status == HealthStatus::Healthy)
@@ -127,11 +127,13 @@ fn via_service(
     if eligible.is_empty() {
         return Err(RouteError::NoHealthyEndpoint { service: key });
     }
-    let closest = closest(client, lb, eligible);
-    let workload = pick_weighted(&closest, rng).ok_or_else(|| RouteError::NoLocalEndpoint {
-        service: key.clone(),
-        scopes: lb.routing_preference.clone(),
-    })?;
+    keep_closest(client, lb, &mut eligible);
+    let Some(workload) = pick_weighted(&eligible, rng) else {
+        return Err(RouteError::NoLocalEndpoint {
+            service: key,
+            scopes: lb.routing_preference.clone(),
+        });
+    };
     let port = target_port(&workload, &service, dst.port())?;
     let ip = address_like(&workload, dst.ip())?;
     Ok(Upstream::Workload {
@@ -154,37 +156,21 @@ fn shares(a: &Workload, b: &Workload, scope: Scope) -> bool {
     }
 }
 
-/// The endpoints `lb` lets `client` use: under `STRICT` those sharing every preferred scope;
-/// otherwise those sharing the longest prefix of the preference list (with no preference, all).
-fn closest(
-    client: &Workload,
-    lb: &LoadBalancing,
-    endpoints: Vec<Arc<Workload>>,
-) -> Vec<Arc<Workload>> {
+/// Keeps the endpoints `lb` lets `client` use: under `STRICT` those sharing every preferred
+/// scope; otherwise those sharing the longest prefix of the preference list (with no preference,
+/// all of them).
+fn keep_closest(client: &Workload, lb: &LoadBalancing, endpoints: &mut Vec<Arc<Workload>>) {
     let prefs = &lb.routing_preference;
     if prefs.is_empty() {
-        return endpoints;
+        return;
     }
     let rank = |w: &Workload| prefs.iter().take_while(|s| shares(client, w, **s)).count();
-    if lb.mode == LbMode::Strict {
-        return endpoints
-            .into_iter()
-            .filter(|w| rank(w) == prefs.len())
-            .collect();
-    }
-    let mut best = 0;
-    let mut out = Vec::with_capacity(endpoints.len());
-    for w in endpoints {
-        let r = rank(&w);
-        if r > best {
-            best = r;
-            out.clear();
-        }
-        if r == best {
-            out.push(w);
-        }
-    }
-    out
+    let wanted = if lb.mode == LbMode::Strict {
+        prefs.len()
+    } else {
+        endpoints.iter().map(|w| rank(w)).max().unwrap_or(0)
+    };
+    endpoints.retain(|w| rank(w) == wanted);
 }
 
 /// Random choice weighted by capacity (every capacity is at least 1 once validated).
