@@ -242,16 +242,20 @@ async fn no_plaintext_on_the_node_link(mesh: &Mesh) -> Result<()> {
         plain.as_bytes(),
     )
     .await?;
-    let bytes = capture.stop_and_read()?;
+    // The control payload went last: once it is on disk, everything before it is too, unless the
+    // kernel dropped packets, which tcpdump reports in its log.
+    let bytes = capture.stop_after(control.as_bytes())?;
     ensure!(
         bytes.len() > meshed.len(),
-        "capture holds only {} bytes; the meshed transfer alone was {}",
+        "capture holds only {} bytes; the meshed transfer alone was {} ({})",
         bytes.len(),
-        meshed.len()
+        meshed.len(),
+        capture_log(&pcap)
     );
     ensure!(
         contains(&bytes, control.as_bytes()),
-        "the unmeshed control payload is missing from the capture: the capture is not working"
+        "the unmeshed control payload is missing from the capture: the capture is not working ({})",
+        capture_log(&pcap)
     );
     ensure!(
         !contains(&bytes, secret.as_bytes()),
@@ -346,20 +350,21 @@ struct Tcpdump {
 impl Tcpdump {
     fn start(ns: &std::fs::File, iface: &str, file: &Path) -> Result<Self> {
         let mut cmd = Command::new("tcpdump");
-        // Immediate mode: without it the last partly filled ring block is lost at SIGINT.
-        cmd.args(["-i", iface, "-n", "--immediate-mode", "-U", "-s", "0", "-w"])
+        // Immediate mode: without it the last partly filled ring block is lost at SIGINT. A 32 MiB
+        // kernel buffer: on a busy 2-core runner the default 2 MiB overflows during the transfer.
+        cmd.args(["-i", iface, "-n", "--immediate-mode", "-U", "-B", "32768"])
+            .args(["-s", "0", "-w"])
             .arg(file);
-        let log = file.with_extension("log");
         cmd.stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
+            .stderr(std::fs::File::create(file.with_extension("log"))?);
         let child = netns::run_in_netns(ns, move || cmd.spawn())?.context("spawn tcpdump")?;
         // tcpdump prints "listening on" once the capture is attached.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&log)?.contains("listening on") {
+        while !capture_log(file).contains("listening on") {
             ensure!(
                 Instant::now() < deadline,
                 "tcpdump did not start: {}",
-                std::fs::read_to_string(&log)?
+                capture_log(file)
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -369,12 +374,29 @@ impl Tcpdump {
         })
     }
 
-    fn stop_and_read(mut self) -> Result<Vec<u8>> {
+    /// Waits (up to 10 s) until `last` is in the capture file, then stops tcpdump and returns the
+    /// whole file. The packets are written as they arrive (`-U`), so waiting for the last payload
+    /// sent means the capture has caught up instead of being cut short by the SIGINT.
+    fn stop_after(mut self, last: &[u8]) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !contains(&std::fs::read(&self.file).unwrap_or_default(), last)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
         self.child.wait()?;
         Ok(std::fs::read(&self.file)?)
     }
+}
+
+/// What tcpdump printed: "listening on", and at exit its packet and drop counts.
+fn capture_log(pcap: &Path) -> String {
+    std::fs::read_to_string(pcap.with_extension("log"))
+        .unwrap_or_default()
+        .trim()
+        .replace('\n', "; ")
 }
 
 impl Drop for Tcpdump {
