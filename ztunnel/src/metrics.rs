@@ -104,8 +104,8 @@ impl Peer {
             &w.workload_name
         };
         Self {
-            workload: Some(name.clone()),
-            namespace: Some(w.namespace.clone()),
+            workload: Some(name.to_string()),
+            namespace: Some(w.namespace.to_string()),
             principal: Some(w.identity.to_string()),
         }
     }

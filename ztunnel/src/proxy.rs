@@ -205,7 +205,7 @@ impl PodContext {
         }
         store
             .workload_by_name(&self.info.namespace, &self.info.name)
-            .filter(|w| w.network == self.inputs.settings.network)
+            .filter(|w| *w.network == *self.inputs.settings.network)
     }
 
     /// The pod's workload, waiting up to `workload_wait` for it to appear in the config.

@@ -1,6 +1,7 @@
 //! The workload and service store ztunnel routes from, with the indexes the data path needs:
 //! workloads by uid and by address, services by key and by VIP, and each service's endpoints.
 
+pub mod intern;
 pub mod local;
 pub mod model;
 pub mod policy;
@@ -14,19 +15,25 @@ pub use shared::SharedStore;
 
 // Persistent maps: cloning the store (every config update works on a clone, then swaps it in
 // whole) shares all unchanged entries, so an update costs O(changes · log n) instead of copying
-// 10 000 workloads and their index keys.
-type HashMap<K, V> = imbl::HashMap<K, V>;
-type BTreeSet<T> = imbl::OrdSet<T>;
+// 10 000 workloads and their index keys. B-trees rather than HAMTs: with pointer-sized entries
+// an `imbl::OrdMap` costs ≈ 50 B per entry against ≈ 96 B for an `imbl::HashMap`, and a lookup
+// (a dozen comparisons) stays far below the cost of the connection it serves.
+type OrdMap<K, V> = imbl::OrdMap<K, V>;
 
 /// Indexed workloads and services. Replacing an entry keeps every index consistent.
+///
+/// Every index holds the `Arc` of the entry itself, keyed by `Arc<str>`s the entry already owns
+/// where it can: an index entry costs a few pointers, and copying an index node on update
+/// increments reference counts instead of copying strings.
 #[derive(Debug, Default, Clone)]
 pub struct Store {
-    workloads: HashMap<String, Arc<Workload>>,
-    by_addr: HashMap<NetworkAddress, String>,
-    by_name: HashMap<(String, String), String>,
-    services: HashMap<String, Arc<Service>>,
-    by_vip: HashMap<NetworkAddress, String>,
-    endpoints: HashMap<String, BTreeSet<String>>,
+    workloads: OrdMap<Arc<str>, Arc<Workload>>,
+    by_addr: OrdMap<NetworkAddress, Arc<Workload>>,
+    by_name: OrdMap<(Arc<str>, Arc<str>), Arc<Workload>>,
+    services: OrdMap<Arc<str>, Arc<Service>>,
+    by_vip: OrdMap<NetworkAddress, Arc<Service>>,
+    // service key → its endpoints by uid.
+    endpoints: OrdMap<Arc<str>, OrdMap<Arc<str>, Arc<Workload>>>,
     policies: policy::PolicyStore,
 }
 
@@ -34,42 +41,46 @@ impl Store {
     /// A store holding exactly the contents of a local config.
     pub fn from_local(cfg: local::LocalConfig) -> Self {
         let mut s = Self::default();
-        cfg.services
-            .into_iter()
-            .for_each(|svc| s.insert_service(svc));
-        cfg.workloads.into_iter().for_each(|w| s.insert_workload(w));
+        cfg.services.into_iter().for_each(|svc| {
+            s.insert_service(svc);
+        });
+        cfg.workloads.into_iter().for_each(|w| {
+            s.insert_workload(w);
+        });
         cfg.policies.into_iter().for_each(|p| s.insert_policy(p));
         s
     }
 
-    /// Adds or replaces a workload (keyed by uid).
-    pub fn insert_workload(&mut self, w: Workload) {
+    /// Adds or replaces a workload (keyed by uid); returns the key.
+    pub fn insert_workload(&mut self, w: Workload) -> Arc<str> {
         self.remove_workload(&w.uid);
+        let w = Arc::new(w);
         for addr in &w.addresses {
-            self.by_addr
-                .insert(net_addr(&w.network, *addr), w.uid.clone());
+            self.by_addr.insert(net_addr(&w.network, *addr), w.clone());
         }
         for svc in w.services.keys() {
             self.endpoints
                 .entry(svc.clone())
                 .or_default()
-                .insert(w.uid.clone());
+                .insert(w.uid.clone(), w.clone());
         }
         let name = (w.namespace.clone(), w.name.clone());
-        self.by_name.insert(name, w.uid.clone());
-        self.workloads.insert(w.uid.clone(), Arc::new(w));
+        self.by_name.insert(name, w.clone());
+        let uid = w.uid.clone();
+        self.workloads.insert(uid.clone(), w);
+        uid
     }
 
     /// Removes a workload; returns it if it was present.
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         let name = (old.namespace.clone(), old.name.clone());
-        if self.by_name.get(&name).is_some_and(|u| u == uid) {
+        if self.by_name.get(&name).is_some_and(|w| *w.uid == *uid) {
             self.by_name.remove(&name);
         }
         for addr in &old.addresses {
             let key = net_addr(&old.network, *addr);
-            if self.by_addr.get(&key).is_some_and(|u| u == uid) {
+            if self.by_addr.get(&key).is_some_and(|w| *w.uid == *uid) {
                 self.by_addr.remove(&key);
             }
         }
@@ -84,21 +95,23 @@ impl Store {
         Some(old)
     }
 
-    /// Adds or replaces a service (keyed by `ns/hostname`).
-    pub fn insert_service(&mut self, s: Service) {
-        let key = s.key();
+    /// Adds or replaces a service (keyed by `ns/hostname`); returns the key.
+    pub fn insert_service(&mut self, s: Service) -> Arc<str> {
+        let key: Arc<str> = Arc::from(s.key());
         self.remove_service(&key);
+        let s = Arc::new(s);
         for vip in &s.vips {
-            self.by_vip.insert(vip.clone(), key.clone());
+            self.by_vip.insert(vip.clone(), s.clone());
         }
-        self.services.insert(key, Arc::new(s));
+        self.services.insert(key.clone(), s);
+        key
     }
 
     /// Removes a service; returns it if it was present.
     pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
         for vip in &old.vips {
-            if self.by_vip.get(vip).is_some_and(|k| k == key) {
+            if self.by_vip.get(vip).is_some_and(|s| Arc::ptr_eq(s, &old)) {
                 self.by_vip.remove(vip);
             }
         }
@@ -113,15 +126,13 @@ impl Store {
     /// The workload named `name` in `namespace` (a pod name is unique in its namespace).
     pub fn workload_by_name(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
         self.by_name
-            .get(&(namespace.to_string(), name.to_string()))
-            .and_then(|uid| self.workload(uid))
+            .get(&(Arc::from(namespace), Arc::from(name)))
+            .cloned()
     }
 
     /// The workload that owns `ip` on `network`.
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<Arc<Workload>> {
-        self.by_addr
-            .get(&net_addr(network, ip))
-            .and_then(|uid| self.workload(uid))
+        self.by_addr.get(&net_addr(network, ip)).cloned()
     }
 
     /// The service with this `ns/hostname` key.
@@ -131,45 +142,34 @@ impl Store {
 
     /// The service whose VIP is `ip` on `network`.
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<Arc<Service>> {
-        self.by_vip
-            .get(&net_addr(network, ip))
-            .and_then(|k| self.service(k))
+        self.by_vip.get(&net_addr(network, ip)).cloned()
     }
 
     /// The workloads backing a service, in uid order.
     pub fn endpoints(&self, service_key: &str) -> Vec<Arc<Workload>> {
         self.endpoints
             .get(service_key)
-            .into_iter()
-            .flatten()
-            .filter_map(|uid| self.workload(uid))
-            .collect()
+            .map(|eps| eps.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every workload scheduled on `node`.
     pub fn workloads_on_node(&self, node: &str) -> Vec<Arc<Workload>> {
-        let mut v: Vec<_> = self
-            .workloads
+        self.workloads
             .values()
-            .filter(|w| w.node == node)
+            .filter(|w| *w.node == *node)
             .cloned()
-            .collect();
-        v.sort_by(|a, b| a.uid.cmp(&b.uid));
-        v
+            .collect()
     }
 
     /// Every workload, in uid order.
     pub fn workloads(&self) -> Vec<Arc<Workload>> {
-        let mut v: Vec<_> = self.workloads.values().cloned().collect();
-        v.sort_by(|a, b| a.uid.cmp(&b.uid));
-        v
+        self.workloads.values().cloned().collect()
     }
 
     /// Every service, in key order.
     pub fn services(&self) -> Vec<Arc<Service>> {
-        let mut v: Vec<_> = self.services.values().cloned().collect();
-        v.sort_by_key(|s| s.key());
-        v
+        self.services.values().cloned().collect()
     }
 
     /// Adds or replaces an authorization policy (keyed by `namespace/name`).
@@ -236,17 +236,17 @@ services:
     fn indexes_by_ip_vip_and_endpoints() {
         let s = store();
         let ip = |v: &str| v.parse::<IpAddr>().unwrap();
-        assert_eq!(s.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "b");
+        assert_eq!(&*s.workload_by_ip("", ip("10.0.0.2")).unwrap().uid, "b");
         assert!(s.workload_by_ip("other", ip("10.0.0.2")).is_none());
         let svc = s.service_by_vip("", ip("10.96.0.1")).unwrap();
         let eps: Vec<_> = s
             .endpoints(&svc.key())
             .iter()
-            .map(|w| w.uid.clone())
+            .map(|w| w.uid.to_string())
             .collect();
         assert_eq!(eps, ["a", "b"]);
         assert_eq!(s.workloads_on_node("n1").len(), 1);
-        assert_eq!(s.workload_by_name("default", "b").unwrap().uid, "b");
+        assert_eq!(&*s.workload_by_name("default", "b").unwrap().uid, "b");
         assert!(s.workload_by_name("other", "b").is_none());
     }
 
@@ -259,7 +259,7 @@ services:
         a.services = Default::default();
         s.insert_workload(a);
         assert!(s.workload_by_ip("", ip("10.0.0.1")).is_none());
-        assert_eq!(s.workload_by_ip("", ip("10.0.0.9")).unwrap().uid, "a");
+        assert_eq!(&*s.workload_by_ip("", ip("10.0.0.9")).unwrap().uid, "a");
         assert_eq!(
             s.endpoints("default/echo.default.svc.cluster.local").len(),
             1

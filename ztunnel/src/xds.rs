@@ -15,6 +15,7 @@ pub mod convert;
 mod status;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod version;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

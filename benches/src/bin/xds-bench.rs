@@ -69,6 +69,10 @@ struct Args {
     /// Concurrent CA callers.
     #[arg(long, default_value_t = 64)]
     ca_concurrency: usize,
+    /// Print each fan-out round: when istiod-lite published, when the first and the last
+    /// client held the change.
+    #[arg(long)]
+    show_rounds: bool,
     /// Internal: run one xDS client against `address` (root PEM file, expected resource count)
     /// and print its RSS before and after syncing.
     #[arg(long, num_args = 3, value_names = ["ADDRESS", "ROOT_PEM", "RESOURCES"], hide = true)]
@@ -100,8 +104,7 @@ fn main() -> Result<()> {
     // Before the 100 clients connect, so their streams cannot slow it down.
     let certs = clients.block_on(ca_rate(&cp, &args))?;
     let connected = clients.block_on(connect_many(&cp, args.clients, target))?;
-    let (fanout, mut publish) =
-        clients.block_on(fan_out(&cp, &cluster, &connected, args.changes))?;
+    let (fanout, mut publish) = clients.block_on(fan_out(&cp, &cluster, &connected, &args))?;
     let cpu = clients.block_on(cpu_at_rate(&cp, &cluster, &args))?;
     drop(connected);
     let publish_p50 = percentile(&mut publish, 50.0);
@@ -390,7 +393,7 @@ fn revision_of(store: &SharedStore, uid: &str) -> Option<String> {
     store
         .snapshot()
         .workload(uid)
-        .map(|w| w.canonical_revision.clone())
+        .map(|w| w.canonical_revision.to_string())
 }
 
 /// Latencies from publishing a snapshot with one changed pod to each client holding it.
@@ -398,10 +401,10 @@ async fn fan_out(
     cp: &ControlPlane,
     cluster: &Cluster,
     clients: &[Client],
-    changes: usize,
+    args: &Args,
 ) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let (mut latencies, mut publish) = (Vec::new(), Vec::new());
-    for round in 1..=changes {
+    for round in 1..=args.changes {
         let pod = (round * 7919) % cluster.pods.len();
         let uid = format!("Kubernetes//Pod/ns-{}/pod-{pod}", pod / 100);
         let want = format!("v{round}");
@@ -427,6 +430,18 @@ async fn fan_out(
                 }
                 !done
             });
+            if pending.is_empty() && args.show_rounds {
+                let this = &latencies[latencies.len() - clients.len()..];
+                let ms = |d: Option<&Duration>| {
+                    d.map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3))
+                };
+                eprintln!(
+                    "round {round}: published after {}, first client {}, last client {}",
+                    ms(publish.last()),
+                    ms(this.iter().min()),
+                    ms(this.iter().max())
+                );
+            }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "{} clients missed change {round}",

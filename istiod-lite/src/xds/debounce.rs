@@ -24,8 +24,13 @@ pub(crate) struct Published {
     pub changed_at: Instant,
 }
 
-/// Publishes the feed's current value now, then every debounced change until `shutdown` or until
-/// the feed's sender is dropped.
+/// Publishes the feed's current value now, then every change until `shutdown` or until the
+/// feed's sender is dropped.
+///
+/// A change after a quiet period (nothing published for `debounce`) is published at once: a lone
+/// pod update reaches proxies without waiting. Changes that follow it are debounced: published
+/// once the feed is quiet for `debounce`, and never later than `max_debounce` after the first of
+/// them, so a rollout costs a handful of publications, not one per pod.
 pub(crate) fn spawn(
     mut feed: watch::Receiver<Arc<ResourceSet>>,
     debounce: Duration,
@@ -55,12 +60,19 @@ async fn run(
     debounce: Duration,
     max_debounce: Duration,
 ) {
+    let mut published_at: Option<Instant> = None;
     loop {
         if feed.changed().await.is_err() {
             return;
         }
         feed.borrow_and_update();
         let first = Instant::now();
+        if published_at.is_none_or(|at| first.duration_since(at) >= debounce) {
+            let set = feed.borrow().clone();
+            publish(tx, set, first);
+            published_at = Some(first);
+            continue;
+        }
         let mut last = first;
         let mut open = true;
         // Wait for a quiet period of `debounce`, but never longer than `max_debounce` in total,
@@ -80,6 +92,7 @@ async fn run(
         }
         let set = feed.borrow().clone();
         publish(tx, set, first);
+        published_at = Some(Instant::now());
         if !open {
             return;
         }
@@ -131,18 +144,24 @@ mod tests {
         let mut out = spawn(rx, debounce, max, CancellationToken::new());
         assert_eq!(out.borrow_and_update().generation, 0);
 
-        // Three changes 10 ms apart: one publication, 100 ms after the last.
+        // Three changes 10 ms apart after a quiet start: the first is published at once, the
+        // other two together, 100 ms after the last.
         let start = Instant::now();
-        for names in [&["a"][..], &["a", "b"], &["a", "b", "c"]] {
-            tx.send_replace(with(names));
+        tx.send_replace(with(&["a"]));
+        out.changed().await.unwrap();
+        let published = out.borrow_and_update().clone();
+        assert_eq!((published.generation, published.changed_at), (1, start));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        for names in [&["a", "b"][..], &["a", "b", "c"]] {
             tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send_replace(with(names));
         }
         out.changed().await.unwrap();
         let published = out.borrow_and_update().clone();
-        assert_eq!(published.generation, 1);
-        assert_eq!(published.changes[AUTHORIZATION_TYPE_URL].len(), 3);
-        assert_eq!(published.changed_at, start);
-        assert!(start.elapsed() >= Duration::from_millis(120));
+        assert_eq!(published.generation, 2);
+        assert_eq!(published.changes[AUTHORIZATION_TYPE_URL].len(), 2);
+        assert_eq!(published.changed_at, start + Duration::from_millis(10));
+        assert_eq!(start.elapsed(), Duration::from_millis(120));
 
         // A change every 50 ms never goes quiet, yet is published after max_debounce.
         let start = Instant::now();

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use imbl::ordmap::DiffItem;
 use prost_types::Any;
 
 // 128 bits of SHA-256: collisions (which would hide an update from proxies) are out of reach even
@@ -22,7 +23,10 @@ pub struct Resource {
 }
 
 /// The resources of one type URL, by name.
-pub type TypeResources = BTreeMap<String, Arc<Resource>>;
+///
+/// A persistent map: publishing a set with one changed pod copies one path of the tree instead of
+/// 10 000 entries, and comparing two sets skips the subtrees they share.
+pub type TypeResources = imbl::OrdMap<String, Arc<Resource>>;
 
 /// Everything served, per type URL; immutable once published.
 ///
@@ -121,13 +125,15 @@ impl ResourceSet {
 }
 
 fn changed_names(old: &TypeResources, new: &TypeResources) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = new
-        .iter()
-        .filter(|(name, r)| !old.get(*name).is_some_and(|o| same(o, r)))
-        .map(|(name, _)| name.clone())
-        .collect();
-    names.extend(old.keys().filter(|n| !new.contains_key(*n)).cloned());
-    names
+    old.diff(new)
+        .filter_map(|change| match change {
+            DiffItem::Add(name, _) | DiffItem::Remove(name, _) => Some(name.clone()),
+            DiffItem::Update {
+                old: (name, was),
+                new: (_, now),
+            } => (!same(was, now)).then(|| name.clone()),
+        })
+        .collect()
 }
 
 /// Whether two resources carry the same content.
@@ -270,5 +276,34 @@ mod tests {
         // A type that disappears entirely reports all its names.
         let changes = ResourceSet::new().changes_since(&old);
         assert_eq!(changes[ADDRESS_TYPE_URL].len(), 1);
+    }
+
+    /// In a large set that shares most of its tree with the previous one, every single change is
+    /// found, wherever it sits relative to the shared subtrees. (imbl 6 skipped about one change
+    /// in eight that sat right after a shared run: proxies never heard of those pods.)
+    #[test]
+    fn every_single_change_in_a_large_shared_set_is_found() {
+        let body = |rev: u32| {
+            pack(&mesh_proto::workload::Address {
+                r#type: Some(mesh_proto::workload::address::Type::Workload(
+                    mesh_proto::workload::Workload {
+                        canonical_revision: format!("v{rev}"),
+                        ..Default::default()
+                    },
+                )),
+            })
+        };
+        let name = |i: u32| format!("Kubernetes//Pod/ns-{}/pod-{i}", i / 100);
+        let mut set = ResourceSet::new();
+        for i in 0..5_000 {
+            set.insert(ADDRESS_TYPE_URL, name(i), body(0));
+        }
+        for i in 0..5_000 {
+            let mut next = set.clone();
+            next.insert(ADDRESS_TYPE_URL, name(i), body(1));
+            let changes = next.changes_since(&set);
+            let names: Vec<&String> = changes[ADDRESS_TYPE_URL].iter().collect();
+            assert_eq!(names, [&name(i)], "change {i} of 5000");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Immutable, versioned views of the configured objects.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,23 +136,44 @@ impl Snapshot {
 
     /// What changed from `self` to `newer`, ordered by key.
     pub fn diff(&self, newer: &Snapshot) -> Vec<Change> {
+        // One merge walk over both key-ordered maps: O(n) comparisons of neighbouring keys rather
+        // than a tree lookup per object, and the changes come out in key order.
         let mut changes = Vec::new();
-        for (key, old) in &self.objects {
-            match newer.objects.get(key) {
-                None => changes.push(Change::Deleted(old.clone())),
-                Some(new) if !new.ptr_eq(old) && new != old => changes.push(Change::Updated {
-                    old: old.clone(),
-                    new: new.clone(),
-                }),
-                Some(_) => {}
+        let (mut old, mut new) = (
+            self.objects.iter().peekable(),
+            newer.objects.iter().peekable(),
+        );
+        loop {
+            let order = match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.cmp(b),
+            };
+            match order {
+                Ordering::Less => {
+                    if let Some((_, o)) = old.next() {
+                        changes.push(Change::Deleted(o.clone()));
+                    }
+                }
+                Ordering::Greater => {
+                    if let Some((_, n)) = new.next() {
+                        changes.push(Change::Added(n.clone()));
+                    }
+                }
+                Ordering::Equal => {
+                    if let (Some((_, o)), Some((_, n))) = (old.next(), new.next())
+                        && !n.ptr_eq(o)
+                        && n != o
+                    {
+                        changes.push(Change::Updated {
+                            old: o.clone(),
+                            new: n.clone(),
+                        });
+                    }
+                }
             }
         }
-        for (key, new) in &newer.objects {
-            if !self.objects.contains_key(key) {
-                changes.push(Change::Added(new.clone()));
-            }
-        }
-        changes.sort_by_key(Change::key);
         changes
     }
 }

@@ -162,7 +162,7 @@ fn target() -> impl Strategy<Value = Workload> {
     )
         .prop_map(|(ns, selected)| {
             let mut w = workload(ns, &[]);
-            w.authorization_policies = selected;
+            w.authorization_policies = selected.into_iter().map(std::sync::Arc::from).collect();
             w
         })
 }
@@ -179,8 +179,8 @@ fn model(policies: &[Policy], w: &Workload, c: &Conn) -> bool {
     let mut enforced = Vec::new();
     for (key, p) in &by_key {
         let applies = p.scope == Scope::Global
-            || (p.scope == Scope::Namespace && p.namespace == w.namespace)
-            || w.authorization_policies.contains(key);
+            || (p.scope == Scope::Namespace && *p.namespace == *w.namespace)
+            || w.authorization_policies.iter().any(|p| **p == **key);
         if applies && !p.dry_run {
             enforced.push(*p);
         }

@@ -7,23 +7,23 @@ use super::*;
 
 pub(super) fn workload(ns: &str, selected: &[&str]) -> Workload {
     Workload {
-        uid: format!("{ns}/server"),
+        uid: format!("{ns}/server").into(),
         name: "server".into(),
         namespace: ns.into(),
-        identity: Identity::new("cluster.local", ns, "server").unwrap(),
-        network: String::new(),
+        identity: Identity::new("cluster.local", ns, "server").unwrap().into(),
+        network: "".into(),
         addresses: vec!["10.0.0.2".parse().unwrap()],
         protocol: TunnelProtocol::Hbone,
-        node: String::new(),
+        node: "".into(),
         services: Default::default(),
         status: HealthStatus::Healthy,
         capacity: 1,
-        canonical_name: String::new(),
-        canonical_revision: String::new(),
-        workload_name: String::new(),
-        authorization_policies: selected.iter().map(|s| s.to_string()).collect(),
+        canonical_name: "".into(),
+        canonical_revision: "".into(),
+        workload_name: "".into(),
+        authorization_policies: selected.iter().map(|s| std::sync::Arc::from(*s)).collect(),
         locality: Default::default(),
-        cluster_id: String::new(),
+        cluster_id: "".into(),
     }
 }
 

@@ -74,7 +74,7 @@ impl ProxyManager {
                     } else {
                         "running"
                     },
-                    workload: ctx.find_workload(&store).map(|w| w.uid.clone()),
+                    workload: ctx.find_workload(&store).map(|w| w.uid.to_string()),
                 }
             })
             .collect()

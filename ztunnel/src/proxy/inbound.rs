@@ -148,7 +148,7 @@ fn source_peer(store: &Store, network: &str, req: &InboundRequest) -> Peer {
     let ip = req.peer_addr.ip().to_canonical();
     let known = store
         .workload_by_ip(network, ip)
-        .filter(|w| w.identity == req.peer_identity);
+        .filter(|w| *w.identity == req.peer_identity);
     if let Some(w) = known {
         return Peer {
             principal,

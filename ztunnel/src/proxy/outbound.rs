@@ -159,7 +159,7 @@ impl Outbound {
         guard: &mut ConnectionGuard,
     ) -> Result<Connected, Error> {
         let key = PoolKey {
-            src_identity: src.identity.clone(),
+            src_identity: (*src.identity).clone(),
             dst_identities: dst.identities,
             dst: SocketAddr::new(dst.target.ip(), HBONE_PORT),
             src_ip: None,
@@ -180,17 +180,17 @@ impl Outbound {
         // The model has no controller kind; a named owner is reported as a deployment, the
         // common case, else the pod itself.
         let (workload_type, workload_name) = if src.workload_name.is_empty() {
-            ("pod", src.name.clone())
+            ("pod", src.name.to_string())
         } else {
-            ("deployment", src.workload_name.clone())
+            ("deployment", src.workload_name.to_string())
         };
         Baggage {
             cluster: self.ctx.inputs.settings.cluster_id.clone(),
-            namespace: src.namespace.clone(),
+            namespace: src.namespace.to_string(),
             workload_type: workload_type.to_string(),
             workload_name,
-            service_name: src.canonical_name.clone(),
-            service_version: src.canonical_revision.clone(),
+            service_name: src.canonical_name.to_string(),
+            service_version: src.canonical_revision.to_string(),
             ..Baggage::default()
         }
     }

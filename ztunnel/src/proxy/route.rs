@@ -75,7 +75,7 @@ impl Upstream {
         else {
             return Vec::new();
         };
-        let mut ids = vec![workload.identity.clone()];
+        let mut ids = vec![(*workload.identity).clone()];
         for san in service.iter().flat_map(|s| &s.subject_alt_names) {
             if !ids.contains(san) {
                 ids.push(san.clone());
@@ -92,7 +92,7 @@ pub fn resolve(
     dst: SocketAddr,
     rng: &mut impl Rng,
 ) -> Result<Upstream, RouteError> {
-    let network = client.network.as_str();
+    let network = &*client.network;
     if let Some(service) = store.service_by_vip(network, dst.ip()) {
         return via_service(store, client, service, dst, rng);
     }
@@ -218,7 +218,7 @@ fn address_like(workload: &Workload, vip: IpAddr) -> Result<IpAddr, RouteError> 
         .find(|a| a.is_ipv4() == vip.is_ipv4())
         .copied()
         .ok_or_else(|| RouteError::NoAddress {
-            workload: workload.uid.clone(),
+            workload: workload.uid.to_string(),
             family: if vip.is_ipv4() { "IPv4" } else { "IPv6" },
         })
 }
@@ -303,7 +303,7 @@ services:
                 service,
                 target,
             } => {
-                assert_eq!(workload.uid, "b");
+                assert_eq!(&*workload.uid, "b");
                 assert!(service.is_none());
                 assert_eq!(target, addr("10.0.0.2:7000"));
             }
@@ -378,7 +378,7 @@ services:
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..300 {
             match resolve(&store, &client, addr("10.96.1.1:80"), &mut rng)? {
-                Upstream::Workload { workload, .. } => seen.insert(workload.uid.clone()),
+                Upstream::Workload { workload, .. } => seen.insert(workload.uid.to_string()),
                 Upstream::Passthrough(dst) => seen.insert(format!("passthrough {dst}")),
             };
         }

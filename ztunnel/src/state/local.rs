@@ -36,6 +36,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use mesh_core::Identity;
 use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
@@ -199,7 +200,7 @@ impl LocalConfig {
                     ));
                 }
             }
-            if let Some(k) = w.services.keys().find(|k| !keys.contains(*k)) {
+            if let Some(k) = w.services.keys().find(|k| !keys.contains(&***k)) {
                 return Err(invalid(
                     format!("workloads[{i}].services"),
                     format!(
@@ -274,23 +275,31 @@ fn convert_workload(w: RawWorkload, at: &str) -> Result<Workload, LocalConfigErr
         ));
     }
     Ok(Workload {
-        uid: w.uid,
-        name: w.name,
-        namespace: w.namespace,
-        identity,
-        network: w.network,
+        uid: w.uid.into(),
+        name: w.name.into(),
+        namespace: w.namespace.into(),
+        identity: identity.into(),
+        network: w.network.into(),
         addresses,
         protocol: w.protocol,
-        node: w.node,
-        services: w.services.into(),
+        node: w.node.into(),
+        services: w
+            .services
+            .into_iter()
+            .map(|(k, ports)| (k.into(), ports))
+            .collect(),
         status: w.status,
         capacity: w.capacity.unwrap_or(1),
-        canonical_name: w.canonical_name,
-        canonical_revision: w.canonical_revision,
-        workload_name: w.workload_name,
-        authorization_policies: w.authorization_policies,
-        locality: w.locality,
-        cluster_id: w.cluster_id,
+        canonical_name: w.canonical_name.into(),
+        canonical_revision: w.canonical_revision.into(),
+        workload_name: w.workload_name.into(),
+        authorization_policies: w
+            .authorization_policies
+            .into_iter()
+            .map(Arc::from)
+            .collect(),
+        locality: w.locality.into(),
+        cluster_id: w.cluster_id.into(),
     })
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use mesh_core::Identity;
 
@@ -42,7 +43,81 @@ impl std::fmt::Display for NetworkAddress {
 }
 
 /// Service port → target port. A target of 0 means "the named port", resolved per endpoint.
-pub type PortMap = BTreeMap<u16, u16>;
+///
+/// A sorted boxed slice: every workload carries one per service it backs, usually with one or two
+/// ports, where a `BTreeMap` would allocate a node with room for eleven.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortMap(Box<[(u16, u16)]>);
+
+impl PortMap {
+    /// The target of service port `port`.
+    pub fn get(&self, port: &u16) -> Option<&u16> {
+        self.0
+            .binary_search_by_key(port, |(p, _)| *p)
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    /// (service port, target port) pairs in service-port order.
+    pub fn iter(&self) -> impl Iterator<Item = (&u16, &u16)> {
+        self.0.iter().map(|(p, t)| (p, t))
+    }
+
+    /// The service ports, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &u16> {
+        self.0.iter().map(|(p, _)| p)
+    }
+
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no port is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(u16, u16)> for PortMap {
+    /// Sorted by service port; a repeated service port keeps its first target (a Kubernetes
+    /// service may list one port twice, for TCP and UDP).
+    fn from_iter<I: IntoIterator<Item = (u16, u16)>>(iter: I) -> Self {
+        let mut map = BTreeMap::new();
+        for (port, target) in iter {
+            map.entry(port).or_insert(target);
+        }
+        Self(map.into_iter().collect())
+    }
+}
+
+impl<const N: usize> From<[(u16, u16); N]> for PortMap {
+    fn from(pairs: [(u16, u16); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl std::ops::Index<&u16> for PortMap {
+    type Output = u16;
+
+    fn index(&self, port: &u16) -> &u16 {
+        self.get(port)
+            .unwrap_or_else(|| panic!("no mapping for port {port}"))
+    }
+}
+
+impl serde::Serialize for PortMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PortMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<u16, u16>::deserialize(d)?;
+        Ok(map.into_iter().collect())
+    }
+}
 
 /// The services a workload backs (`ns/hostname` → port map), sorted by key.
 ///
@@ -50,19 +125,19 @@ pub type PortMap = BTreeMap<u16, u16>;
 /// for the one or two services a workload usually backs, and ztunnel holds every workload of the
 /// mesh.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct WorkloadServices(Box<[(String, PortMap)]>);
+pub struct WorkloadServices(Box<[(Arc<str>, PortMap)]>);
 
 impl WorkloadServices {
     /// The port map for service `key`.
     pub fn get(&self, key: &str) -> Option<&PortMap> {
         self.0
-            .binary_search_by(|(k, _)| k.as_str().cmp(key))
+            .binary_search_by(|(k, _)| (**k).cmp(key))
             .ok()
             .map(|i| &self.0[i].1)
     }
 
     /// The service keys, sorted.
-    pub fn keys(&self) -> impl Iterator<Item = &String> {
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
         self.0.iter().map(|(k, _)| k)
     }
 
@@ -72,15 +147,15 @@ impl WorkloadServices {
     }
 }
 
-impl From<BTreeMap<String, PortMap>> for WorkloadServices {
-    fn from(map: BTreeMap<String, PortMap>) -> Self {
+impl From<BTreeMap<Arc<str>, PortMap>> for WorkloadServices {
+    fn from(map: BTreeMap<Arc<str>, PortMap>) -> Self {
         Self(map.into_iter().collect())
     }
 }
 
-impl FromIterator<(String, PortMap)> for WorkloadServices {
+impl FromIterator<(Arc<str>, PortMap)> for WorkloadServices {
     /// Sorted by key; a repeated key keeps its last value, like a map.
-    fn from_iter<I: IntoIterator<Item = (String, PortMap)>>(iter: I) -> Self {
+    fn from_iter<I: IntoIterator<Item = (Arc<str>, PortMap)>>(iter: I) -> Self {
         iter.into_iter().collect::<BTreeMap<_, _>>().into()
     }
 }
@@ -105,21 +180,22 @@ impl serde::Serialize for WorkloadServices {
 #[serde(rename_all = "camelCase")]
 pub struct Workload {
     /// Primary key, e.g. `Kubernetes//Pod/ns/name`.
-    pub uid: String,
+    pub uid: Arc<str>,
     /// Pod name.
-    pub name: String,
+    pub name: Arc<str>,
     /// Namespace.
-    pub namespace: String,
-    /// SPIFFE identity derived from trust domain, namespace and service account.
-    pub identity: Identity,
+    pub namespace: Arc<str>,
+    /// SPIFFE identity derived from trust domain, namespace and service account (shared by the
+    /// workloads of one service account).
+    pub identity: Arc<Identity>,
     /// Network the addresses belong to.
-    pub network: String,
+    pub network: Arc<str>,
     /// Pod IPs.
     pub addresses: Vec<IpAddr>,
     /// HBONE when meshed, TCP otherwise.
     pub protocol: TunnelProtocol,
     /// Kubernetes node the workload runs on.
-    pub node: String,
+    pub node: Arc<str>,
     /// Services this workload backs (`ns/hostname`) with per-endpoint port mappings.
     pub services: WorkloadServices,
     /// Health.
@@ -127,17 +203,19 @@ pub struct Workload {
     /// Load-balancing weight (default 1).
     pub capacity: u32,
     /// Canonical service name for telemetry.
-    pub canonical_name: String,
+    pub canonical_name: Arc<str>,
     /// Canonical revision for telemetry.
-    pub canonical_revision: String,
+    pub canonical_revision: Arc<str>,
     /// Owning controller name (e.g. deployment) for telemetry.
-    pub workload_name: String,
-    /// Names (`ns/name`) of selector-scoped authorization policies.
-    pub authorization_policies: Vec<String>,
-    /// Region / zone / subzone, for locality-aware load balancing.
-    pub locality: Locality,
+    pub workload_name: Arc<str>,
+    /// Names (`ns/name`) of selector-scoped authorization policies (shared: a mesh-wide STRICT
+    /// PeerAuthentication puts the same policy on every workload).
+    pub authorization_policies: Box<[Arc<str>]>,
+    /// Region / zone / subzone, for locality-aware load balancing (shared by the workloads of
+    /// one locality).
+    pub locality: Arc<Locality>,
     /// The cluster the workload runs in (the `CLUSTER` load-balancing scope).
-    pub cluster_id: String,
+    pub cluster_id: Arc<str>,
 }
 
 /// Where a workload runs (from its node's `topology.kubernetes.io/*` labels).
@@ -146,13 +224,13 @@ pub struct Workload {
 pub struct Locality {
     /// `topology.kubernetes.io/region`.
     #[serde(default)]
-    pub region: String,
+    pub region: Arc<str>,
     /// `topology.kubernetes.io/zone`.
     #[serde(default)]
-    pub zone: String,
+    pub zone: Arc<str>,
     /// `topology.istio.io/subzone`.
     #[serde(default)]
-    pub subzone: String,
+    pub subzone: Arc<str>,
 }
 
 /// A property a client and an endpoint may share; load balancing prefers endpoints that share

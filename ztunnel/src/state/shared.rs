@@ -104,7 +104,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         shared.replace(with_workload("a"));
-        assert_eq!(waiter.await.unwrap().unwrap().uid, "a");
+        assert_eq!(&*waiter.await.unwrap().unwrap().uid, "a");
         assert_eq!(shared.version(), 1);
         let missing = shared
             .wait_for(Duration::from_millis(30), |s| s.workload("b"))

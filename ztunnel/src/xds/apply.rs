@@ -2,12 +2,16 @@
 //! is rejected (and named in the NACK) while the good ones are applied, and removals remove.
 
 use mesh_proto::any::{self, ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
-use mesh_proto::discovery::{DeltaDiscoveryResponse, Resource};
+use mesh_proto::discovery::Resource;
 use mesh_proto::security::Authorization;
 use mesh_proto::workload::Address;
 
+use std::sync::Arc;
+
 use super::convert::{self, AddressResource};
+use super::version::Version;
 use crate::state::Store;
+use crate::state::intern::Interner;
 use crate::state::policy::Policy;
 
 /// The resource types ztunnel subscribes to, in subscription order.
@@ -54,23 +58,33 @@ pub struct Rejection {
     pub reason: String,
 }
 
-/// Applies `response` (of type `ty`) to `store`, recording the applied versions in `versions`.
-/// Returns the rejected resources; the rest was applied.
+/// The version of every applied resource, by name (the name shares the store's key).
+pub type Versions = imbl::OrdMap<Arc<str>, Version>;
+
+/// Applies one response of type `ty` to `store`: removes `removed`, then converts and inserts
+/// `resources`, recording the applied versions in `versions`. Returns the rejected resources; the
+/// rest was applied.
+///
+/// The resources are taken by value and each is freed once converted, so a first snapshot of
+/// 10 000 workloads never holds the whole decoded response beside the whole store: the store's
+/// allocations reuse the memory of the resources already converted.
 pub fn apply(
     store: &mut Store,
-    versions: &mut imbl::OrdMap<String, String>,
+    versions: &mut Versions,
+    interner: &mut Interner,
     ty: XdsType,
-    response: &DeltaDiscoveryResponse,
+    removed: &[String],
+    resources: Vec<Resource>,
 ) -> Vec<Rejection> {
-    for name in &response.removed_resources {
+    for name in removed {
         remove(store, ty, name);
-        versions.remove(name);
+        versions.remove(name.as_str());
     }
     let mut rejected = Vec::new();
-    for r in &response.resources {
-        match insert(store, ty, r) {
-            Ok(()) => {
-                versions.insert(r.name.clone(), r.version.clone());
+    for r in resources {
+        match insert(store, interner, ty, &r) {
+            Ok(key) => {
+                versions.insert(key, Version::from(r.version.as_str()));
             }
             // A rejected update keeps the previous version of the resource (and its recorded
             // version, so a reconnect asks for it again).
@@ -88,10 +102,17 @@ pub fn apply(
             }
         }
     }
+    interner.purge();
     rejected
 }
 
-fn insert(store: &mut Store, ty: XdsType, r: &Resource) -> Result<(), String> {
+/// Applies one resource; returns its name as the store keys it.
+fn insert(
+    store: &mut Store,
+    interner: &mut Interner,
+    ty: XdsType,
+    r: &Resource,
+) -> Result<Arc<str>, String> {
     if r.name.is_empty() {
         return Err("resource with an empty name".into());
     }
@@ -102,15 +123,15 @@ fn insert(store: &mut Store, ty: XdsType, r: &Resource) -> Result<(), String> {
     match ty {
         XdsType::Address => {
             let a: Address = any::unpack(payload).map_err(|e| format!("{:?}: {e}", r.name))?;
-            match convert::address(&r.name, &a)? {
+            match convert::address(&r.name, &a, interner)? {
                 AddressResource::Workload(w) => {
                     // A name that changed kind (service → workload) must not leave both behind.
                     store.remove_service(&r.name);
-                    store.insert_workload(*w);
+                    Ok(store.insert_workload(*w))
                 }
                 AddressResource::Service(s) => {
                     store.remove_workload(&r.name);
-                    store.insert_service(s);
+                    Ok(store.insert_service(s))
                 }
             }
         }
@@ -126,9 +147,9 @@ fn insert(store: &mut Store, ty: XdsType, r: &Resource) -> Result<(), String> {
                 ));
             }
             store.insert_policy(policy);
+            Ok(Arc::from(r.name.as_str()))
         }
     }
-    Ok(())
 }
 
 fn remove(store: &mut Store, ty: XdsType, name: &str) {

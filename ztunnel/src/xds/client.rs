@@ -20,6 +20,7 @@ use super::{
 };
 use crate::readiness::{Readiness, ReadyGuard};
 use crate::state::SharedStore;
+use crate::state::intern::Interner;
 
 /// The delta ADS client. Build with [`XdsClient::new`], then spawn [`XdsClient::run`].
 pub struct XdsClient {
@@ -32,7 +33,9 @@ pub struct XdsClient {
     pending: BTreeMap<XdsType, ReadyGuard>,
     // Name → version of every applied resource, per type: `initial_resource_versions` on reconnect.
     // Persistent maps: handing a copy to the status after every response is O(1).
-    versions: BTreeMap<XdsType, imbl::OrdMap<String, String>>,
+    versions: BTreeMap<XdsType, apply::Versions>,
+    // Shares repeated strings and identities across the store's workloads.
+    interner: Interner,
     backoff: Backoff,
 }
 
@@ -86,6 +89,7 @@ impl XdsClient {
             metrics,
             pending,
             versions: BTreeMap::new(),
+            interner: Interner::default(),
         })
     }
 
@@ -173,7 +177,11 @@ impl XdsClient {
             initial_resource_versions: self
                 .versions
                 .get(&ty)
-                .map(|v| v.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .map(|v| {
+                    v.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             ..Default::default()
         }
@@ -197,7 +205,7 @@ impl XdsClient {
     }
 
     /// Applies one response to the store in a single replace and returns the ACK or NACK.
-    fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    fn handle(&mut self, mut response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
         let Some(ty) = XdsType::from_url(&response.type_url) else {
             let message = format!("unsupported type url {:?}", response.type_url);
             warn!(%message, nonce = %response.nonce, "xds response rejected");
@@ -206,8 +214,17 @@ impl XdsClient {
         };
         let mut store = (*self.store.snapshot()).clone();
         let versions = self.versions.entry(ty).or_default();
-        let rejected = apply::apply(&mut store, versions, ty, &response);
-        let applied = response.resources.len() - rejected.len();
+        let resources = std::mem::take(&mut response.resources);
+        let received = resources.len();
+        let rejected = apply::apply(
+            &mut store,
+            versions,
+            &mut self.interner,
+            ty,
+            &response.removed_resources,
+            resources,
+        );
+        let applied = received - rejected.len();
         if applied > 0 || !response.removed_resources.is_empty() {
             self.store.replace(store);
         }

@@ -7,11 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use mesh_core::Identity;
 use mesh_core::identity::DEFAULT_TRUST_DOMAIN;
 use mesh_proto::workload as pb;
 
+use crate::state::intern::Interner;
 use crate::state::model::{
     HealthPolicy, HealthStatus, LbMode, LoadBalancing, Locality, NetworkAddress, PortMap, Scope,
     Service, TunnelProtocol, Workload, WorkloadServices,
@@ -27,12 +29,17 @@ pub enum AddressResource {
 }
 
 /// Converts the `Address` resource named `name`. The name must be the workload's uid or the
-/// service's `namespace/hostname`, since removals arrive by name.
-pub fn address(name: &str, a: &pb::Address) -> Result<AddressResource, String> {
+/// service's `namespace/hostname`, since removals arrive by name. Repeated values (namespace,
+/// node, identity, ...) are shared through `interner`.
+pub fn address(
+    name: &str,
+    a: &pb::Address,
+    interner: &mut Interner,
+) -> Result<AddressResource, String> {
     match &a.r#type {
         Some(pb::address::Type::Workload(w)) => {
-            let w = workload(w).map_err(|e| format!("workload {name:?}: {e}"))?;
-            if w.uid != name {
+            let w = workload(w, interner).map_err(|e| format!("workload {name:?}: {e}"))?;
+            if *w.uid != *name {
                 return Err(format!(
                     "workload {name:?}: resource name does not match uid {:?}",
                     w.uid
@@ -57,7 +64,7 @@ pub fn address(name: &str, a: &pb::Address) -> Result<AddressResource, String> {
 }
 
 /// Converts a wire workload. Errors name the field, e.g. `addresses[1]: ...`.
-pub fn workload(w: &pb::Workload) -> Result<Workload, String> {
+pub fn workload(w: &pb::Workload, interner: &mut Interner) -> Result<Workload, String> {
     non_empty("uid", &w.uid)?;
     non_empty("name", &w.name)?;
     non_empty("namespace", &w.namespace)?;
@@ -79,32 +86,42 @@ pub fn workload(w: &pb::Workload) -> Result<Workload, String> {
     for (i, p) in w.authorization_policies.iter().enumerate() {
         namespaced("authorization_policies", i, p)?;
     }
-    Ok(Workload {
-        uid: w.uid.clone(),
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        identity,
-        network: w.network.clone(),
-        addresses,
-        protocol: tunnel_protocol(w.tunnel_protocol)?,
-        node: w.node.clone(),
-        services: workload_services(&w.services)?,
-        status: health(w.status)?,
-        capacity,
-        canonical_name: w.canonical_name.clone(),
-        canonical_revision: w.canonical_revision.clone(),
-        workload_name: w.workload_name.clone(),
-        authorization_policies: w.authorization_policies.clone(),
-        locality: w
-            .locality
+    let name: Arc<str> = Arc::from(w.name.as_str());
+    // A pod without a controller is its own workload: share the name rather than intern it.
+    let workload_name = if w.workload_name == w.name {
+        name.clone()
+    } else {
+        interner.str(&w.workload_name)
+    };
+    let locality = interner.locality(
+        w.locality
             .as_ref()
             .map(|l| Locality {
-                region: l.region.clone(),
-                zone: l.zone.clone(),
-                subzone: l.subzone.clone(),
+                region: l.region.as_str().into(),
+                zone: l.zone.as_str().into(),
+                subzone: l.subzone.as_str().into(),
             })
             .unwrap_or_default(),
-        cluster_id: w.cluster_id.clone(),
+    );
+    let mut s = |v: &str| interner.str(v);
+    Ok(Workload {
+        uid: Arc::from(w.uid.as_str()),
+        name,
+        namespace: s(&w.namespace),
+        network: s(&w.network),
+        addresses,
+        protocol: tunnel_protocol(w.tunnel_protocol)?,
+        node: s(&w.node),
+        services: workload_services(&w.services, &mut s)?,
+        status: health(w.status)?,
+        capacity,
+        canonical_name: s(&w.canonical_name),
+        canonical_revision: s(&w.canonical_revision),
+        workload_name,
+        authorization_policies: w.authorization_policies.iter().map(|p| s(p)).collect(),
+        locality,
+        cluster_id: s(&w.cluster_id),
+        identity: interner.identity(identity),
     })
 }
 
@@ -252,6 +269,7 @@ fn health(v: i32) -> Result<HealthStatus, String> {
 
 fn workload_services(
     services: &BTreeMap<String, pb::PortList>,
+    intern: &mut impl FnMut(&str) -> Arc<str>,
 ) -> Result<WorkloadServices, String> {
     services
         .iter()
@@ -265,14 +283,14 @@ fn workload_services(
                 }
             }
             let ports = port_map(&format!("services[{key:?}].ports"), &list.ports)?;
-            Ok((key.clone(), ports))
+            Ok((intern(key), ports))
         })
         .collect()
 }
 
 /// Service port (1..=65535) → target port (0 = the named port, resolved per endpoint).
 fn port_map(field: &str, ports: &[pb::Port]) -> Result<PortMap, String> {
-    let mut map = PortMap::new();
+    let mut pairs = Vec::with_capacity(ports.len());
     for (i, p) in ports.iter().enumerate() {
         let service_port = u16::try_from(p.service_port)
             .ok()
@@ -289,10 +307,10 @@ fn port_map(field: &str, ports: &[pb::Port]) -> Result<PortMap, String> {
                 p.target_port
             )
         })?;
-        // A Kubernetes service may list one port twice (TCP and UDP); the first one wins.
-        map.entry(service_port).or_insert(target_port);
+        pairs.push((service_port, target_port));
     }
-    Ok(map)
+    // A Kubernetes service may list one port twice (TCP and UDP); the first one wins.
+    Ok(pairs.into_iter().collect())
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub struct TypeStatus {
     /// `system_version_info` of the last response.
     pub system_version: String,
     /// Name → version of every applied resource.
-    pub versions: imbl::OrdMap<String, String>,
+    pub versions: super::apply::Versions,
 }
 
 /// A copy of the client's state.

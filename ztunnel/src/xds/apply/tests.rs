@@ -2,8 +2,27 @@ use std::net::IpAddr;
 
 use mesh_proto::any;
 
+use mesh_proto::discovery::DeltaDiscoveryResponse;
+
 use super::*;
 use crate::xds::testutil;
+
+fn apply(
+    store: &mut Store,
+    versions: &mut Versions,
+    interner: &mut Interner,
+    ty: XdsType,
+    response: &DeltaDiscoveryResponse,
+) -> Vec<Rejection> {
+    super::apply(
+        store,
+        versions,
+        interner,
+        ty,
+        &response.removed_resources,
+        response.resources.clone(),
+    )
+}
 
 fn response(resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
     DeltaDiscoveryResponse {
@@ -38,7 +57,13 @@ fn good_resources_apply_and_bad_ones_are_rejected_individually() {
         ],
         &[],
     );
-    let rejected = apply(&mut store, &mut versions, XdsType::Address, &resp);
+    let rejected = apply(
+        &mut store,
+        &mut versions,
+        &mut Interner::default(),
+        XdsType::Address,
+        &resp,
+    );
     let names: Vec<_> = rejected.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["b", "c", "d", ""]);
     let msg = nack_message(&rejected);
@@ -50,10 +75,10 @@ fn good_resources_apply_and_bad_ones_are_rejected_individually() {
     ] {
         assert!(msg.contains(want), "{msg}\nwant: {want}");
     }
-    assert_eq!(store.workload_by_ip("", ip("10.0.0.1")).unwrap().uid, "a");
+    assert_eq!(&*store.workload_by_ip("", ip("10.0.0.1")).unwrap().uid, "a");
     assert!(store.workload("b").is_none());
     assert!(store.service_by_vip("", ip("10.96.0.1")).is_some());
-    let applied: Vec<_> = versions.keys().cloned().collect();
+    let applied: Vec<_> = versions.keys().map(|k| &**k).collect();
     assert_eq!(applied, ["a", "default/echo.default.svc.cluster.local"]);
 }
 
@@ -61,14 +86,30 @@ fn good_resources_apply_and_bad_ones_are_rejected_individually() {
 fn a_rejected_update_keeps_the_previous_version() {
     let (mut store, mut versions) = (Store::default(), imbl::OrdMap::new());
     let first = response(vec![testutil::workload("a", [10, 0, 0, 1], "v1")], &[]);
-    assert!(apply(&mut store, &mut versions, XdsType::Address, &first).is_empty());
+    assert!(
+        apply(
+            &mut store,
+            &mut versions,
+            &mut Interner::default(),
+            XdsType::Address,
+            &first
+        )
+        .is_empty()
+    );
     let bad = response(vec![testutil::bad_workload("a", "v2")], &[]);
     assert_eq!(
-        apply(&mut store, &mut versions, XdsType::Address, &bad).len(),
+        apply(
+            &mut store,
+            &mut versions,
+            &mut Interner::default(),
+            XdsType::Address,
+            &bad
+        )
+        .len(),
         1
     );
     assert_eq!(store.workload("a").unwrap().addresses, [ip("10.0.0.1")]);
-    assert_eq!(versions["a"], "v1");
+    assert_eq!(versions["a"].to_string(), "v1");
 }
 
 #[test]
@@ -82,9 +123,24 @@ fn removals_remove_workloads_then_services_and_forget_versions() {
         ],
         &[],
     );
-    apply(&mut store, &mut versions, XdsType::Address, &add);
+    apply(
+        &mut store,
+        &mut versions,
+        &mut Interner::default(),
+        XdsType::Address,
+        &add,
+    );
     let remove = response(vec![], &["a", svc, "never-existed"]);
-    assert!(apply(&mut store, &mut versions, XdsType::Address, &remove).is_empty());
+    assert!(
+        apply(
+            &mut store,
+            &mut versions,
+            &mut Interner::default(),
+            XdsType::Address,
+            &remove
+        )
+        .is_empty()
+    );
     assert_eq!(store.len(), (0, 0));
     assert!(versions.is_empty());
 }
@@ -104,12 +160,14 @@ fn a_name_that_changes_kind_replaces_the_old_resource() {
     apply(
         &mut store,
         &mut versions,
+        &mut Interner::default(),
         XdsType::Address,
         &response(vec![svc], &[]),
     );
     apply(
         &mut store,
         &mut versions,
+        &mut Interner::default(),
         XdsType::Address,
         &response(vec![w], &[]),
     );
@@ -126,7 +184,13 @@ fn policies_are_converted_individually_and_removed_by_name() {
     bad.resource = Some(any::pack(&p));
     let good = testutil::policy("ns", "good", "v1");
     let resp = response(vec![bad, good], &[]);
-    let rejected = apply(&mut store, &mut versions, XdsType::Authorization, &resp);
+    let rejected = apply(
+        &mut store,
+        &mut versions,
+        &mut Interner::default(),
+        XdsType::Authorization,
+        &resp,
+    );
     assert!(rejected.iter().any(|r| r.name == "ns/bad"), "{rejected:?}");
     assert!(nack_message(&rejected).contains("ns/bad"));
     assert!(store.policy("ns/bad").is_none() && !versions.contains_key("ns/bad"));
@@ -136,7 +200,16 @@ fn policies_are_converted_individually_and_removed_by_name() {
     assert_eq!(good_applied, !rejected.iter().any(|r| r.name == "ns/good"));
     assert_eq!(good_applied, versions.contains_key("ns/good"));
     let remove = response(vec![], &["ns/good"]);
-    assert!(apply(&mut store, &mut versions, XdsType::Authorization, &remove).is_empty());
+    assert!(
+        apply(
+            &mut store,
+            &mut versions,
+            &mut Interner::default(),
+            XdsType::Authorization,
+            &remove
+        )
+        .is_empty()
+    );
     assert!(store.policy("ns/good").is_none() && versions.is_empty());
 }
 

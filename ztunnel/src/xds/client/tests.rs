@@ -165,7 +165,7 @@ async fn subscribes_wildcard_and_is_ready_after_the_first_response_of_each_type(
     assert!(address.last_acked && address.last_nack_error.is_none());
     assert_eq!(address.last_acked_nonce.as_deref(), Some("n1"));
     assert_eq!(address.system_version, "sys-n1");
-    assert_eq!(address.versions["a"], "v1");
+    assert_eq!(address.versions["a"].to_string(), "v1");
 }
 
 #[tokio::test]

@@ -1,5 +1,14 @@
 use super::*;
 
+// Each conversion with its own interner: these tests are about validation, not sharing.
+fn workload(w: &pb::Workload) -> Result<Workload, String> {
+    super::workload(w, &mut Interner::default())
+}
+
+fn address(name: &str, a: &pb::Address) -> Result<AddressResource, String> {
+    super::address(name, a, &mut Interner::default())
+}
+
 const UID: &str = "Kubernetes//Pod/default/echo-1";
 
 fn good_workload() -> pb::Workload {
@@ -97,7 +106,7 @@ fn a_full_workload_converts_every_field() {
     let AddressResource::Workload(w) = address(UID, &as_address(good_workload())).unwrap() else {
         panic!("not a workload");
     };
-    assert_eq!(w.uid, UID);
+    assert_eq!(&*w.uid, UID);
     assert_eq!(
         w.identity.to_string(),
         "spiffe://cluster.local/ns/default/sa/echo"
@@ -109,16 +118,16 @@ fn a_full_workload_converts_every_field() {
             "::1".parse().unwrap()
         ]
     );
-    assert_eq!(w.network, "net1");
+    assert_eq!(&*w.network, "net1");
     assert_eq!(w.protocol, TunnelProtocol::Hbone);
     assert_eq!(w.status, HealthStatus::Unhealthy);
     assert_eq!(w.capacity, 3);
-    assert_eq!(w.node, "node1");
+    assert_eq!(&*w.node, "node1");
     assert_eq!(
         (
-            w.canonical_name.as_str(),
-            w.canonical_revision.as_str(),
-            w.workload_name.as_str()
+            &*w.canonical_name,
+            &*w.canonical_revision,
+            &*w.workload_name
         ),
         ("echo", "v1", "echo")
     );
@@ -129,16 +138,17 @@ fn a_full_workload_converts_every_field() {
             .is_none()
     );
     assert_eq!(ports, &PortMap::from([(80, 8080), (81, 0)]));
-    assert_eq!(w.authorization_policies, ["default/allow-echo"]);
+    assert_eq!(&*w.authorization_policies[0], "default/allow-echo");
+    assert_eq!(w.authorization_policies.len(), 1);
     assert_eq!(
-        w.locality,
+        *w.locality,
         Locality {
             region: "r".into(),
             zone: "z".into(),
             subzone: "s".into()
         }
     );
-    assert_eq!(w.cluster_id, "c1");
+    assert_eq!(&*w.cluster_id, "c1");
 }
 
 #[test]

@@ -1,0 +1,106 @@
+//! Resource versions as ztunnel keeps them: one per resource, for `initial_resource_versions` on
+//! reconnect and for `/config_dump`.
+//!
+//! Versions are opaque to the client, but istiod-lite's are hex content hashes (32 lowercase hex
+//! digits), as are most control planes'. Those are held inline as bytes: 24 bytes per resource
+//! instead of a 64-byte string allocation, for every workload of the mesh. Anything else is kept
+//! as the string it arrived as, so every version round-trips exactly.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// A resource version, displayed exactly as the control plane sent it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Version(Repr);
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Repr {
+    // Lowercase hex of an even number of digits, at most 32: the decoded bytes.
+    Hex { len: u8, bytes: [u8; 16] },
+    Text(Arc<str>),
+}
+
+impl From<&str> for Version {
+    fn from(s: &str) -> Self {
+        Self(hex(s).unwrap_or_else(|| Repr::Text(Arc::from(s))))
+    }
+}
+
+fn hex(s: &str) -> Option<Repr> {
+    let digits = s.as_bytes();
+    if digits.is_empty() || digits.len() > 32 || !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        // Uppercase would not print back the same.
+        _ => None,
+    };
+    let mut bytes = [0u8; 16];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        bytes[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(Repr::Hex {
+        len: (digits.len() / 2) as u8,
+        bytes,
+    })
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Repr::Hex { len, bytes } => bytes[..usize::from(*len)]
+                .iter()
+                .try_for_each(|b| write!(f, "{b:02x}")),
+            Repr::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
+    }
+}
+
+impl serde::Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_version_prints_back_exactly() {
+        for v in [
+            "0123456789abcdef0123456789abcdef",
+            "00",
+            "ff00",
+            "v1",
+            "",
+            "ABCDEF",
+            "abc",
+            "0123456789abcdef0123456789abcdef00",
+            "2026-12-06T05:00:00Z/42",
+        ] {
+            assert_eq!(Version::from(v).to_string(), v);
+        }
+    }
+
+    #[test]
+    fn hex_hashes_are_held_inline() {
+        assert!(matches!(
+            Version::from("0123456789abcdef0123456789abcdef").0,
+            Repr::Hex { len: 16, .. }
+        ));
+        assert!(matches!(Version::from("v1").0, Repr::Text(_)));
+        assert!(matches!(Version::from("ABCD").0, Repr::Text(_)));
+        assert_eq!(Version::from("0a"), Version::from("0a"));
+        assert_ne!(Version::from("0a"), Version::from("0a00"));
+        assert_eq!(size_of::<Version>(), 24);
+    }
+}
