@@ -89,8 +89,8 @@ const DEFAULT_CONFIG_POLL: Duration = Duration::from_millis(500);
 const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 // Shorter than istiod's PILOT_DEBOUNCE_AFTER (100 ms): the translation pipeline in front of the
 // ADS server already coalesces bursts (at most one full translation per 100 ms), so the push
-// debounce only folds near-simultaneous changes; a long one would add straight to the config
-// propagation latency (target p99 ≤ 50 ms). istiod's PILOT_DEBOUNCE_MAX is 10 s, but a second
+// debounce only folds near-simultaneous changes, and a change after a quiet period is pushed
+// without waiting for it (config propagation target: p99 ≤ 50 ms). istiod's PILOT_DEBOUNCE_MAX is 10 s, but a second
 // keeps pod changes reaching proxies promptly under constant churn.
 const DEFAULT_XDS_DEBOUNCE: Duration = Duration::from_millis(10);
 const DEFAULT_XDS_MAX_DEBOUNCE: Duration = Duration::from_secs(1);
