@@ -12,6 +12,7 @@ pub mod apply;
 mod backoff;
 mod client;
 pub mod convert;
+mod grpc;
 mod status;
 #[cfg(test)]
 pub(crate) mod testutil;

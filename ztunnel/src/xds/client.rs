@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::channel::mpsc;
+use http::{HeaderMap, HeaderValue};
 use mesh_core::ca_client::{AUTHORIZATION_HEADER, AuthToken, CLUSTER_ID_HEADER};
 use mesh_core::cert::parse_pem_certs;
-use mesh_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Status};
-use tonic::Streaming;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::apply::{self, XdsType};
+use super::grpc;
 use super::{
     Backoff, H2_KEEPALIVE_INTERVAL, H2_KEEPALIVE_TIMEOUT, MAX_DECODE_SIZE, TCP_KEEPALIVE,
     Termination, XdsClientConfig, XdsError, XdsMetrics, XdsStatus,
@@ -148,7 +148,7 @@ impl XdsClient {
 
     /// Connects (a new connection every time: the old one may lead to a dead server) and opens
     /// the stream with the first request of each type queued.
-    async fn open(&self) -> Result<(Streaming<DeltaDiscoveryResponse>, Requests), SessionEnd> {
+    async fn open(&self) -> Result<(grpc::Responses, Requests), SessionEnd> {
         let failed = |e: XdsError| SessionEnd::new(Termination::ConnectionError, e);
         let channel = self.endpoint.connect().await.map_err(|source| {
             let address = self.config.address.clone();
@@ -159,14 +159,11 @@ impl XdsClient {
             // Cannot fail: the receiver is alive.
             let _ = tx.unbounded_send(self.initial_request(ty));
         }
-        let request = self.request(rx).await.map_err(failed)?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(MAX_DECODE_SIZE);
-        let stream = client
-            .delta_aggregated_resources(request)
+        let metadata = self.metadata().await.map_err(failed)?;
+        let stream = grpc::open(channel, metadata, rx, MAX_DECODE_SIZE)
             .await
             .map_err(|status| SessionEnd::new(Termination::ConnectionError, grpc(&status)))?;
-        Ok((stream.into_inner(), tx))
+        Ok((stream, tx))
     }
 
     /// The first request of a type: node, wildcard subscription, what we already have.
@@ -187,21 +184,18 @@ impl XdsClient {
         }
     }
 
-    async fn request(
-        &self,
-        rx: mpsc::UnboundedReceiver<DeltaDiscoveryRequest>,
-    ) -> Result<tonic::Request<mpsc::UnboundedReceiver<DeltaDiscoveryRequest>>, XdsError> {
-        let mut request = tonic::Request::new(rx);
-        let headers = request.metadata_mut();
+    /// The stream's request headers: the bearer token and the cluster id.
+    async fn metadata(&self) -> Result<HeaderMap, XdsError> {
+        let mut headers = HeaderMap::new();
         if let Some(token) = read_token(&self.config.token).await? {
-            let value = MetadataValue::try_from(format!("Bearer {token}"))
+            let value = HeaderValue::try_from(format!("Bearer {token}"))
                 .map_err(|_| XdsError::Metadata("auth token"))?;
             headers.insert(AUTHORIZATION_HEADER, value);
         }
-        let cluster = MetadataValue::try_from(self.config.node.cluster_id.as_str())
+        let cluster = HeaderValue::try_from(self.config.node.cluster_id.as_str())
             .map_err(|_| XdsError::Metadata("cluster id"))?;
         headers.insert(CLUSTER_ID_HEADER, cluster);
-        Ok(request)
+        Ok(headers)
     }
 
     /// Applies one response to the store in a single replace and returns the ACK or NACK.

@@ -186,6 +186,14 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        // A token the server refuses, answered with a status and no stream (trailers-only).
+        if request
+            .metadata()
+            .get("authorization")
+            .is_some_and(|v| v == "Bearer refused-token")
+        {
+            return Err(Status::unauthenticated("token refused by the test server"));
+        }
         let (tx, rx) = unbounded();
         let metadata = request.metadata().clone();
         let conn = Conn {

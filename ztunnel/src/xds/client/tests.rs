@@ -479,3 +479,40 @@ async fn a_missing_token_file_fails_the_connection_clearly() {
     .await;
     task.abort();
 }
+
+#[tokio::test]
+async fn a_refused_stream_is_a_connection_error_naming_the_status() {
+    let pki = Pki::new();
+    let server = AdsServer::start(&pki, "127.0.0.1:0".parse().unwrap()).await;
+    let mut config = client_config(&pki, server.addr);
+    config.token = AuthToken::Literal("refused-token".into());
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let readiness = Readiness::default();
+    let client = XdsClient::new(
+        config,
+        Arc::new(SharedStore::default()),
+        &readiness,
+        XdsMetrics::new(Arc::new(recorder)),
+    )
+    .unwrap();
+    let status = client.status();
+    let task = tokio::spawn(client.run());
+    eventually("refusal reported", || {
+        status.snapshot().last_error.is_some_and(|e| {
+            e.contains("Unauthenticated") && e.contains("token refused by the test server")
+        })
+    })
+    .await;
+    eventually("counted as a connection error", || {
+        counter(
+            &counters,
+            crate::xds::XDS_CONNECTION_TERMINATIONS,
+            "ConnectionError",
+        ) >= 1
+    })
+    .await;
+    assert!(!readiness.is_ready());
+    assert!(!status.snapshot().connected);
+    task.abort();
+}
