@@ -197,7 +197,7 @@ fn pick_weighted(candidates: &[Arc<Workload>], rng: &mut impl Rng) -> Option<Arc
 fn target_port(workload: &Workload, service: &Service, port: u16) -> Result<u16, RouteError> {
     let from_endpoint = workload
         .services
-        .get(&service.key())
+        .get(service.key().as_str())
         .and_then(|ports| ports.get(&port))
         .copied()
         .filter(|p| *p != 0);

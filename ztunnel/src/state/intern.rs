@@ -7,6 +7,7 @@
 //! increment instead of a string copy.
 
 use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::Arc;
 
 use mesh_core::Identity;
@@ -52,22 +53,12 @@ impl Interner {
 
     /// A shared copy of `id`.
     pub fn identity(&mut self, id: Identity) -> Arc<Identity> {
-        if let Some(shared) = self.identities.get(&id) {
-            return shared.clone();
-        }
-        let shared = Arc::new(id);
-        self.identities.insert(shared.clone());
-        shared
+        share(&mut self.identities, id)
     }
 
     /// A shared copy of `locality`.
     pub fn locality(&mut self, locality: Locality) -> Arc<Locality> {
-        if let Some(shared) = self.localities.get(&locality) {
-            return shared.clone();
-        }
-        let shared = Arc::new(locality);
-        self.localities.insert(shared.clone());
-        shared
+        share(&mut self.localities, locality)
     }
 
     /// Drops the values only the interner still holds, if the sets doubled since the last purge.
@@ -93,6 +84,15 @@ impl Interner {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn share<T: Hash + Eq>(set: &mut HashSet<Arc<T>>, value: T) -> Arc<T> {
+    if let Some(shared) = set.get(&value) {
+        return shared.clone();
+    }
+    let shared = Arc::new(value);
+    set.insert(shared.clone());
+    shared
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! ztunnel's own view of workloads and services, independent of how they arrive (local file or xDS).
 
+use std::borrow::Borrow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -42,136 +43,104 @@ impl std::fmt::Display for NetworkAddress {
     }
 }
 
-/// Service port → target port. A target of 0 means "the named port", resolved per endpoint.
+/// A small map that is built once and then only read: a boxed slice of pairs sorted by key.
 ///
-/// A sorted boxed slice: every workload carries one per service it backs, usually with one or two
-/// ports, where a `BTreeMap` would allocate a node with room for eleven.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PortMap(Box<[(u16, u16)]>);
+/// ztunnel holds every workload of the mesh, and each carries a map of the services it backs and,
+/// per service, a map of ports, usually with one or two entries. A `BTreeMap` allocates a node with
+/// room for eleven entries for each; this allocates exactly the entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortedMap<K, V>(Box<[(K, V)]>);
 
-impl PortMap {
-    /// The target of service port `port`.
-    pub fn get(&self, port: &u16) -> Option<&u16> {
+/// Service port → target port. A target of 0 means "the named port", resolved per endpoint.
+pub type PortMap = SortedMap<u16, u16>;
+
+/// The services a workload backs (`ns/hostname` → port map), sorted by key.
+pub type WorkloadServices = SortedMap<Arc<str>, PortMap>;
+
+impl<K, V> Default for SortedMap<K, V> {
+    fn default() -> Self {
+        Self(Box::new([]))
+    }
+}
+
+impl<K: Ord, V> SortedMap<K, V> {
+    /// The value for `key`.
+    pub fn get<Q: Ord + ?Sized>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+    {
         self.0
-            .binary_search_by_key(port, |(p, _)| *p)
+            .binary_search_by(|(k, _)| k.borrow().cmp(key))
             .ok()
             .map(|i| &self.0[i].1)
     }
 
-    /// (service port, target port) pairs in service-port order.
-    pub fn iter(&self) -> impl Iterator<Item = (&u16, &u16)> {
-        self.0.iter().map(|(p, t)| (p, t))
+    /// The entries, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
     }
 
-    /// The service ports, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &u16> {
-        self.0.iter().map(|(p, _)| p)
+    /// The keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
     }
 
-    /// Number of ports.
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// Whether no port is mapped.
+    /// Whether there is no entry.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 }
 
-impl FromIterator<(u16, u16)> for PortMap {
-    /// Sorted by service port; a repeated service port keeps its first target (a Kubernetes
-    /// service may list one port twice, for TCP and UDP).
-    fn from_iter<I: IntoIterator<Item = (u16, u16)>>(iter: I) -> Self {
-        let mut map = BTreeMap::new();
-        for (port, target) in iter {
-            map.entry(port).or_insert(target);
-        }
-        Self(map.into_iter().collect())
-    }
-}
-
-impl<const N: usize> From<[(u16, u16); N]> for PortMap {
-    fn from(pairs: [(u16, u16); N]) -> Self {
-        pairs.into_iter().collect()
-    }
-}
-
-impl std::ops::Index<&u16> for PortMap {
-    type Output = u16;
-
-    fn index(&self, port: &u16) -> &u16 {
-        self.get(port)
-            .unwrap_or_else(|| panic!("no mapping for port {port}"))
-    }
-}
-
-impl serde::Serialize for PortMap {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.iter())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for PortMap {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = BTreeMap::<u16, u16>::deserialize(d)?;
-        Ok(map.into_iter().collect())
-    }
-}
-
-/// The services a workload backs (`ns/hostname` → port map), sorted by key.
-///
-/// A sorted boxed slice rather than a `BTreeMap`: a B-tree node has room for 11 entries, ≈ 0.5 KiB
-/// for the one or two services a workload usually backs, and ztunnel holds every workload of the
-/// mesh.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct WorkloadServices(Box<[(Arc<str>, PortMap)]>);
-
-impl WorkloadServices {
-    /// The port map for service `key`.
-    pub fn get(&self, key: &str) -> Option<&PortMap> {
-        self.0
-            .binary_search_by(|(k, _)| (**k).cmp(key))
-            .ok()
-            .map(|i| &self.0[i].1)
-    }
-
-    /// The service keys, sorted.
-    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.0.iter().map(|(k, _)| k)
-    }
-
-    /// Whether the workload backs no service.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl From<BTreeMap<Arc<str>, PortMap>> for WorkloadServices {
-    fn from(map: BTreeMap<Arc<str>, PortMap>) -> Self {
-        Self(map.into_iter().collect())
-    }
-}
-
-impl FromIterator<(Arc<str>, PortMap)> for WorkloadServices {
+impl<K: Ord, V> FromIterator<(K, V)> for SortedMap<K, V> {
     /// Sorted by key; a repeated key keeps its last value, like a map.
-    fn from_iter<I: IntoIterator<Item = (Arc<str>, PortMap)>>(iter: I) -> Self {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         iter.into_iter().collect::<BTreeMap<_, _>>().into()
     }
 }
 
-impl std::ops::Index<&str> for WorkloadServices {
-    type Output = PortMap;
-
-    fn index(&self, key: &str) -> &PortMap {
-        self.get(key)
-            .unwrap_or_else(|| panic!("workload backs no service {key:?}"))
+impl<K: Ord, V> From<BTreeMap<K, V>> for SortedMap<K, V> {
+    fn from(map: BTreeMap<K, V>) -> Self {
+        Self(map.into_iter().collect())
     }
 }
 
-impl serde::Serialize for WorkloadServices {
+impl<K: Ord, V, const N: usize> From<[(K, V); N]> for SortedMap<K, V> {
+    fn from(pairs: [(K, V); N]) -> Self {
+        pairs.into_iter().collect()
+    }
+}
+
+impl<K, V, Q> std::ops::Index<&Q> for SortedMap<K, V>
+where
+    K: Ord + Borrow<Q>,
+    Q: Ord + std::fmt::Debug + ?Sized,
+{
+    type Output = V;
+
+    fn index(&self, key: &Q) -> &V {
+        self.get(key)
+            .unwrap_or_else(|| panic!("no entry for {key:?}"))
+    }
+}
+
+impl<K: serde::Serialize, V: serde::Serialize> serde::Serialize for SortedMap<K, V> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
+impl<'de, K, V> serde::Deserialize<'de> for SortedMap<K, V>
+where
+    K: serde::Deserialize<'de> + Ord,
+    V: serde::Deserialize<'de>,
+{
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        BTreeMap::<K, V>::deserialize(d).map(Self::from)
     }
 }
 

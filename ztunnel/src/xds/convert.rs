@@ -307,9 +307,11 @@ fn port_map(field: &str, ports: &[pb::Port]) -> Result<PortMap, String> {
                 p.target_port
             )
         })?;
-        pairs.push((service_port, target_port));
+        // A Kubernetes service may list one port twice (TCP and UDP); the first one wins.
+        if !pairs.iter().any(|(port, _)| *port == service_port) {
+            pairs.push((service_port, target_port));
+        }
     }
-    // A Kubernetes service may list one port twice (TCP and UDP); the first one wins.
     Ok(pairs.into_iter().collect())
 }
 

@@ -52,9 +52,15 @@ fn client_config(pki: &Pki, addr: SocketAddr) -> XdsClientConfig {
 }
 
 async fn start() -> Harness {
+    start_with(AuthToken::Literal(TOKEN.into())).await
+}
+
+/// A server and a running client that authenticates with `token`.
+async fn start_with(token: AuthToken) -> Harness {
     let pki = Pki::new();
     let server = AdsServer::start(&pki, "127.0.0.1:0".parse().unwrap()).await;
-    let config = client_config(&pki, server.addr);
+    let mut config = client_config(&pki, server.addr);
+    config.token = token;
     let store = Arc::new(SharedStore::default());
     let readiness = Readiness::default();
     let recorder = DebuggingRecorder::new();
@@ -456,63 +462,33 @@ fn bad_settings_are_clear_errors() {
 
 #[tokio::test]
 async fn a_missing_token_file_fails_the_connection_clearly() {
-    let pki = Pki::new();
-    let server = AdsServer::start(&pki, "127.0.0.1:0".parse().unwrap()).await;
-    let mut config = client_config(&pki, server.addr);
-    config.token = AuthToken::File("/nonexistent/istio-token".into());
-    let recorder = DebuggingRecorder::new();
-    let client = XdsClient::new(
-        config,
-        Arc::new(SharedStore::default()),
-        &Readiness::default(),
-        XdsMetrics::new(Arc::new(recorder)),
-    )
-    .unwrap();
-    let status = client.status();
-    let task = tokio::spawn(client.run());
+    let h = start_with(AuthToken::File("/nonexistent/istio-token".into())).await;
     eventually("token error", || {
-        status
+        h.status
             .snapshot()
             .last_error
             .is_some_and(|e| e.contains("cannot read xds auth token file /nonexistent/istio-token"))
     })
     .await;
-    task.abort();
 }
 
 #[tokio::test]
 async fn a_refused_stream_is_a_connection_error_naming_the_status() {
-    let pki = Pki::new();
-    let server = AdsServer::start(&pki, "127.0.0.1:0".parse().unwrap()).await;
-    let mut config = client_config(&pki, server.addr);
-    config.token = AuthToken::Literal("refused-token".into());
-    let recorder = DebuggingRecorder::new();
-    let counters = Counters::new(recorder.snapshotter());
-    let readiness = Readiness::default();
-    let client = XdsClient::new(
-        config,
-        Arc::new(SharedStore::default()),
-        &readiness,
-        XdsMetrics::new(Arc::new(recorder)),
-    )
-    .unwrap();
-    let status = client.status();
-    let task = tokio::spawn(client.run());
+    let h = start_with(AuthToken::Literal("refused-token".into())).await;
     eventually("refusal reported", || {
-        status.snapshot().last_error.is_some_and(|e| {
+        h.status.snapshot().last_error.is_some_and(|e| {
             e.contains("Unauthenticated") && e.contains("token refused by the test server")
         })
     })
     .await;
     eventually("counted as a connection error", || {
         counter(
-            &counters,
+            &h.metrics,
             crate::xds::XDS_CONNECTION_TERMINATIONS,
             "ConnectionError",
         ) >= 1
     })
     .await;
-    assert!(!readiness.is_ready());
-    assert!(!status.snapshot().connected);
-    task.abort();
+    assert!(!h.readiness.is_ready());
+    assert!(!h.status.snapshot().connected);
 }
