@@ -4,11 +4,13 @@
 //! A connection is registered *before* its first check and re-checked if the store changed
 //! while it was being checked, so no update can slip between the check and the registration.
 //! A watcher task (started with the first connection) re-checks every tracked connection after
-//! each store update and cancels the denied ones; their upstream streams are wrapped in
+//! each store update and revokes the denied ones; their upstream streams are wrapped in
 //! [`Revocable`], which then fails every read and write, ending the copy.
+//!
+//! Every inbound connection carries this state, so it is kept small: a revocation is a flag and
+//! the waker of the task copying the connection (no cancellation-token node, no boxed future).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 
+use futures::task::AtomicWaker;
 use mesh_core::Identity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{info, warn};
 
 use super::{Connection, Denied, evaluate};
@@ -44,7 +46,9 @@ struct Entry {
     src_identity: Option<Identity>,
     dst: SocketAddr,
     workload: Arc<Workload>,
-    cancel: CancellationToken,
+    revoked: AtomicBool,
+    // The task copying the connection (one task drives both directions).
+    waker: AtomicWaker,
     reason: OnceLock<String>,
 }
 
@@ -62,7 +66,12 @@ impl Entry {
             info!(src = %self.src, dst = %self.dst, workload = %self.workload.uid,
                 reason = %denied, "closing connection: a policy update denies it");
         }
-        self.cancel.cancel();
+        self.revoked.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 }
 
@@ -84,7 +93,6 @@ impl TrackedConnection {
     pub fn wrap<S>(&self, stream: S) -> Revocable<S> {
         Revocable {
             inner: stream,
-            cancelled: Box::pin(self.entry.cancel.clone().cancelled_owned()),
             entry: self.entry.clone(),
         }
     }
@@ -123,7 +131,8 @@ impl ConnectionTracker {
             src_identity,
             dst,
             workload,
-            cancel: CancellationToken::new(),
+            revoked: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             reason: OnceLock::new(),
         });
         loop {
@@ -169,7 +178,7 @@ impl ConnectionTracker {
     pub fn recheck(&self, store: &Store) -> usize {
         let entries: Vec<Arc<Entry>> = self.inner.lock().values().cloned().collect();
         let mut revoked = 0;
-        for entry in entries.iter().filter(|e| !e.cancel.is_cancelled()) {
+        for entry in entries.iter().filter(|e| !e.is_revoked()) {
             let current = store.workload(&entry.workload.uid);
             let workload = current.as_deref().unwrap_or(&entry.workload);
             if let Err(denied) = evaluate(store.policy_store(), workload, &entry.connection()) {
@@ -212,14 +221,13 @@ async fn watch(
 /// A stream that fails every read and write once its connection is revoked.
 pub struct Revocable<S> {
     inner: S,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     entry: Arc<Entry>,
 }
 
 impl<S> std::fmt::Debug for Revocable<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Revocable")
-            .field("revoked", &self.entry.cancel.is_cancelled())
+            .field("revoked", &self.entry.is_revoked())
             .finish_non_exhaustive()
     }
 }
@@ -227,7 +235,12 @@ impl<S> std::fmt::Debug for Revocable<S> {
 impl<S> Revocable<S> {
     // Ready with the error once revoked; otherwise registers the task to be woken on revocation.
     fn poll_revoked(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        if self.entry.cancel.is_cancelled() || self.cancelled.as_mut().poll(cx).is_ready() {
+        let revoked = self.entry.is_revoked() || {
+            // Register first, then look again: a revocation in between still wakes us.
+            self.entry.waker.register(cx.waker());
+            self.entry.is_revoked()
+        };
+        if revoked {
             let reason = self.entry.reason.get().map_or("revoked", String::as_str);
             let msg = format!("closed by a policy update: {reason}");
             return Poll::Ready(io::Error::new(io::ErrorKind::ConnectionAborted, msg));
