@@ -272,19 +272,13 @@ impl PodContext {
         &self,
         workload: &Arc<Workload>,
         src: SocketAddr,
-        src_identity: Option<&Identity>,
+        src_identity: Option<Arc<Identity>>,
         dst: SocketAddr,
     ) -> Result<TrackedConnection, String> {
         let inputs = &self.inputs;
         inputs
             .connections
-            .admit(
-                &inputs.store,
-                workload.clone(),
-                src,
-                src_identity.cloned(),
-                dst,
-            )
+            .admit(&inputs.store, workload.clone(), src, src_identity, dst)
             .map_err(|denied| denied.to_string())
     }
 }

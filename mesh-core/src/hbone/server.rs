@@ -60,8 +60,9 @@ pub struct InboundRequest {
     pub target: ConnectTarget,
     /// The request headers (`baggage`, `forwarded`, `traceparent`, ...).
     pub headers: HeaderMap,
-    /// The client's SPIFFE identity, from its verified certificate.
-    pub peer_identity: Identity,
+    /// The client's SPIFFE identity, from its verified certificate (shared by the connection's
+    /// streams).
+    pub peer_identity: Arc<Identity>,
     /// The client's TCP address.
     pub peer_addr: SocketAddr,
     /// The local address the connection was accepted on.
@@ -242,7 +243,7 @@ struct Shared<H> {
 
 /// Facts about one established connection, shared by its streams.
 struct ConnInfo {
-    peer_identity: Identity,
+    peer_identity: Arc<Identity>,
     local_identity: Identity,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
@@ -417,7 +418,7 @@ async fn establish<H>(
         .map_err(|_| ConnError::H2Timeout(timeout))?
         .map_err(ConnError::H2)?;
     let info = ConnInfo {
-        peer_identity,
+        peer_identity: Arc::new(peer_identity),
         local_identity: tls.identity().clone(),
         peer_addr,
         local_addr,

@@ -110,7 +110,7 @@ impl ConnectHandler for TestHandler {
     async fn handle(&self, req: InboundRequest) -> Result<Accepted, Rejection> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push(Seen {
-            peer_identity: req.peer_identity.clone(),
+            peer_identity: (*req.peer_identity).clone(),
             local_identity: req.local_identity.clone(),
             peer_addr: req.peer_addr,
             headers: req.headers.clone(),

@@ -43,7 +43,7 @@ struct Inner {
 #[derive(Debug)]
 struct Entry {
     src: SocketAddr,
-    src_identity: Option<Identity>,
+    src_identity: Option<Arc<Identity>>,
     dst: SocketAddr,
     workload: Arc<Workload>,
     revoked: AtomicBool,
@@ -56,7 +56,7 @@ impl Entry {
     fn connection(&self) -> Connection<'_> {
         Connection {
             src_ip: self.src.ip(),
-            src_identity: self.src_identity.as_ref(),
+            src_identity: self.src_identity.as_deref(),
             dst: self.dst,
         }
     }
@@ -122,7 +122,7 @@ impl ConnectionTracker {
         store: &Arc<SharedStore>,
         workload: Arc<Workload>,
         src: SocketAddr,
-        src_identity: Option<Identity>,
+        src_identity: Option<Arc<Identity>>,
         dst: SocketAddr,
     ) -> Result<TrackedConnection, Denied> {
         self.ensure_watching(store);

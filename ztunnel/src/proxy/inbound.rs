@@ -71,7 +71,12 @@ impl InboundHandler {
         guard.destination(Peer::from_workload(&workload));
         let tracked = self
             .ctx
-            .admit(&workload, req.peer_addr, Some(&req.peer_identity), target)
+            .admit(
+                &workload,
+                req.peer_addr,
+                Some(req.peer_identity.clone()),
+                target,
+            )
             .map_err(Rejection::denied)?;
         let client_ip = req.peer_addr.ip().to_canonical();
         let upstream = self
@@ -148,7 +153,7 @@ fn source_peer(store: &Store, network: &str, req: &InboundRequest) -> Peer {
     let ip = req.peer_addr.ip().to_canonical();
     let known = store
         .workload_by_ip(network, ip)
-        .filter(|w| *w.identity == req.peer_identity);
+        .filter(|w| w.identity == req.peer_identity);
     if let Some(w) = known {
         return Peer {
             principal,
@@ -190,7 +195,7 @@ mod tests {
         InboundRequest {
             target: ConnectTarget::parse(target).unwrap(),
             headers: HeaderMap::new(),
-            peer_identity: "spiffe://cluster.local/ns/a/sa/client".parse().unwrap(),
+            peer_identity: Arc::new("spiffe://cluster.local/ns/a/sa/client".parse().unwrap()),
             peer_addr: "10.0.0.9:40000".parse().unwrap(),
             local_addr: local.parse().unwrap(),
             local_identity: "spiffe://cluster.local/ns/b/sa/server".parse().unwrap(),

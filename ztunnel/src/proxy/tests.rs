@@ -93,7 +93,7 @@ async fn hbone_denial_answers_401_and_records_deny() {
     let request = InboundRequest {
         target: ConnectTarget::parse("127.0.0.1:8080").unwrap(),
         headers: HeaderMap::new(),
-        peer_identity: "spiffe://cluster.local/ns/a/sa/intruder".parse().unwrap(),
+        peer_identity: Arc::new("spiffe://cluster.local/ns/a/sa/intruder".parse().unwrap()),
         peer_addr: "127.0.0.1:40000".parse().unwrap(),
         local_addr: "127.0.0.1:15008".parse().unwrap(),
         local_identity: "spiffe://cluster.local/ns/b/sa/server".parse().unwrap(),

@@ -61,7 +61,9 @@ async fn admits_tracks_and_forgets() {
         .unwrap_err();
     assert_eq!(denied, Denied::DenyPolicy("b/strict".into()));
     assert!(tracker.is_empty(), "a denied connection is not tracked");
-    let tracked = tracker.admit(&store, w, src, Some(client()), dst).unwrap();
+    let tracked = tracker
+        .admit(&store, w, src, Some(client().into()), dst)
+        .unwrap();
     assert_eq!(tracker.len(), 1);
     assert!(tracked.revoked().is_none());
     drop(tracked);
@@ -76,7 +78,7 @@ async fn a_policy_update_closes_only_the_connections_it_denies() {
     let (src, dst) = (addr("10.0.0.9:4000"), addr("10.0.0.2:80"));
     let plain = tracker.admit(&store, w.clone(), src, None, dst).unwrap();
     let mtls = tracker
-        .admit(&store, w.clone(), src, Some(client()), dst)
+        .admit(&store, w.clone(), src, Some(client().into()), dst)
         .unwrap();
 
     // A live copy through the plaintext connection's upstream.
