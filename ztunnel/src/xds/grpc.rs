@@ -51,8 +51,9 @@ pub async fn open(
             format!("the server answered HTTP {}", head.status),
         ));
     }
-    // A refusal comes as headers only ("trailers-only" response).
-    if let Some(status) = Status::from_header_map(&head.headers)
+    // A refusal comes as headers only ("trailers-only" response); so, rarely, does an OK end.
+    let header_status = Status::from_header_map(&head.headers);
+    if let Some(status) = header_status.clone()
         && status.code() != Code::Ok
     {
         return Err(status);
@@ -62,6 +63,7 @@ pub async fn open(
         pending: BytesMut::new(),
         max_message,
         ended: false,
+        ended_ok: header_status.is_some(),
     })
 }
 
@@ -72,6 +74,8 @@ pub struct Responses {
     pending: BytesMut,
     max_message: usize,
     ended: bool,
+    // The headers already carried `grpc-status: 0` (a trailers-only OK).
+    ended_ok: bool,
 }
 
 impl Responses {
@@ -93,6 +97,9 @@ impl Responses {
                 None => {
                     if !self.pending.is_empty() {
                         return Err(Status::internal("the stream ended inside a message"));
+                    }
+                    if self.ended_ok {
+                        return Ok(None);
                     }
                     self.ended = true;
                 }
@@ -222,6 +229,7 @@ mod tests {
             pending: BytesMut::new(),
             max_message: 4 * 1024 * 1024,
             ended: false,
+            ended_ok: false,
         }
     }
 
@@ -246,6 +254,13 @@ mod tests {
         // A large message's buffer went with it.
         assert!(r.pending.capacity() < 16 * 1024, "{}", r.pending.capacity());
         assert_eq!(r.message().await.unwrap(), Some(c));
+        assert_eq!(r.message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_trailers_only_ok_is_a_clean_end() {
+        let mut r = responses(vec![], None);
+        r.ended_ok = true;
         assert_eq!(r.message().await.unwrap(), None);
     }
 
