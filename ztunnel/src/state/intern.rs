@@ -75,14 +75,9 @@ impl Interner {
         self.purge_at = (2 * self.len()).max(MIN_PURGE_AT);
     }
 
-    /// Distinct values held.
-    pub fn len(&self) -> usize {
+    // Distinct values held.
+    fn len(&self) -> usize {
         self.strings.len() + self.identities.len() + self.localities.len()
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -75,19 +75,9 @@ impl<K: Ord, V> SortedMap<K, V> {
             .map(|i| &self.0[i].1)
     }
 
-    /// The entries, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
-        self.0.iter().map(|(k, v)| (k, v))
-    }
-
     /// The keys, in order.
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.0.iter().map(|(k, _)| k)
-    }
-
-    /// Number of entries.
-    pub fn len(&self) -> usize {
-        self.0.len()
     }
 
     /// Whether there is no entry.

@@ -93,16 +93,15 @@ pub fn workload(w: &pb::Workload, interner: &mut Interner) -> Result<Workload, S
     } else {
         interner.str(&w.workload_name)
     };
-    let locality = interner.locality(
-        w.locality
-            .as_ref()
-            .map(|l| Locality {
-                region: l.region.as_str().into(),
-                zone: l.zone.as_str().into(),
-                subzone: l.subzone.as_str().into(),
-            })
-            .unwrap_or_default(),
-    );
+    let (region, zone, subzone) = w.locality.as_ref().map_or(("", "", ""), |l| {
+        (l.region.as_str(), l.zone.as_str(), l.subzone.as_str())
+    });
+    let locality = Locality {
+        region: interner.str(region),
+        zone: interner.str(zone),
+        subzone: interner.str(subzone),
+    };
+    let locality = interner.locality(locality);
     let mut s = |v: &str| interner.str(v);
     Ok(Workload {
         uid: Arc::from(w.uid.as_str()),

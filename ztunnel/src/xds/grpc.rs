@@ -62,7 +62,6 @@ pub async fn open(
         body,
         pending: BytesMut::new(),
         max_message,
-        ended: false,
         ended_ok: header_status.is_some(),
     })
 }
@@ -73,7 +72,6 @@ pub struct Responses {
     // Received bytes not yet decoded: at most one message's worth plus what followed it.
     pending: BytesMut,
     max_message: usize,
-    ended: bool,
     // The headers already carried `grpc-status: 0` (a trailers-only OK).
     ended_ok: bool,
 }
@@ -88,11 +86,6 @@ impl Responses {
                 })?;
                 return Ok(Some(response));
             }
-            if self.ended {
-                return Err(Status::internal(
-                    "the server ended the stream without a status",
-                ));
-            }
             match self.body.frame().await {
                 None => {
                     if !self.pending.is_empty() {
@@ -101,7 +94,9 @@ impl Responses {
                     if self.ended_ok {
                         return Ok(None);
                     }
-                    self.ended = true;
+                    return Err(Status::internal(
+                        "the server ended the stream without a status",
+                    ));
                 }
                 Some(Err(status)) => return Err(status),
                 Some(Ok(frame)) => match frame.into_data() {
@@ -228,7 +223,6 @@ mod tests {
             body: Body::new(http_body_util::StreamBody::new(stream::iter(frames))),
             pending: BytesMut::new(),
             max_message: 4 * 1024 * 1024,
-            ended: false,
             ended_ok: false,
         }
     }

@@ -27,22 +27,14 @@ impl From<&str> for Version {
 }
 
 fn hex(s: &str) -> Option<Repr> {
-    let digits = s.as_bytes();
-    if digits.is_empty() || digits.len() > 32 || !digits.len().is_multiple_of(2) {
+    // Uppercase digits would not print back the same; an odd length fails to decode.
+    if s.is_empty() || s.len() > 32 || s.bytes().any(|b| b.is_ascii_uppercase()) {
         return None;
     }
-    let nibble = |d: u8| match d {
-        b'0'..=b'9' => Some(d - b'0'),
-        b'a'..=b'f' => Some(d - b'a' + 10),
-        // Uppercase would not print back the same.
-        _ => None,
-    };
     let mut bytes = [0u8; 16];
-    for (i, pair) in digits.chunks_exact(2).enumerate() {
-        bytes[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
+    hex::decode_to_slice(s, &mut bytes[..s.len() / 2]).ok()?;
     Some(Repr::Hex {
-        len: (digits.len() / 2) as u8,
+        len: u8::try_from(s.len() / 2).ok()?,
         bytes,
     })
 }
@@ -50,9 +42,7 @@ fn hex(s: &str) -> Option<Repr> {
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
-            Repr::Hex { len, bytes } => bytes[..usize::from(*len)]
-                .iter()
-                .try_for_each(|b| write!(f, "{b:02x}")),
+            Repr::Hex { len, bytes } => f.write_str(&hex::encode(&bytes[..usize::from(*len)])),
             Repr::Text(s) => f.write_str(s),
         }
     }
